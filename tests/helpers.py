@@ -1,0 +1,50 @@
+"""Shared test utilities: run a top-level script as a subprocess and read what it wrote."""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(p.name for p in REPO.glob("*.py"))
+MPE_SCRIPTS = [s for s in SCRIPTS if s.endswith("_mpe.py")]
+
+# Two iterations of 2 envs x 25 steps (one MPE episode per env per iteration) with small networks.
+TINY = ["--num-envs", "2", "--num-steps", "25", "--total-timesteps", "100", "--hidden-sizes", "16", "16"]
+
+
+def load_script(script: str):
+    """Import a top-level script as a module (importing has no side effects)."""
+    return importlib.import_module(Path(script).stem)
+
+
+def run_script(script: str, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python script args...` in cwd (its runs/ folder lands there)."""
+    env = {**os.environ, "SDL_VIDEODRIVER": "dummy", "WANDB_MODE": "offline"}
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def run_ok(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    result = run_script(script, *args, cwd=cwd)
+    assert result.returncode == 0, (
+        f"{script} {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
+    return result
+
+
+def run_dirs(cwd: Path) -> list[Path]:
+    return sorted((cwd / "runs").iterdir())
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def train_metrics(metrics: list[dict]) -> list[dict]:
+    """The per-iteration lines (evaluation lines left out)."""
+    return [m for m in metrics if "charts/SPS" in m]
