@@ -1,0 +1,157 @@
+"""Every MPE script run as a user runs it: tasks, outputs, checkpoints, resume, evaluation, errors, determinism."""
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from helpers import MPE_SCRIPTS, REPO, TINY, read_metrics, run_dirs, run_ok, run_script, train_metrics
+
+TASKS = ["simple_spread_v3", "simple_reference_v3", "simple_speaker_listener_v4"]
+NUM_AGENTS = {"simple_spread_v3": 3, "simple_reference_v3": 2, "simple_speaker_listener_v4": 2}
+SHARED_METRICS = {
+    "global_step", "charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/learning_rate",
+    "losses/value_loss", "losses/explained_variance",
+}  # fmt: skip
+AGENT_METRICS = {
+    "happo": {"policy_loss", "entropy", "approx_kl", "clipfrac"},
+    "hatrpo": {"policy_loss", "entropy", "approx_kl", "kl", "improvement", "expected_improvement", "line_search_steps"},
+}
+
+
+def expected_metrics(script: str, num_agents: int) -> set[str]:
+    per_agent = AGENT_METRICS[script.split("_")[0]]
+    return SHARED_METRICS | {f"agent{i}/{name}" for i in range(num_agents) for name in per_agent}
+
+
+@pytest.mark.parametrize("continuous", [False, True], ids=["discrete", "continuous"])
+@pytest.mark.parametrize("env_id", TASKS)
+@pytest.mark.parametrize("script", MPE_SCRIPTS)
+def test_task_runs_two_iterations(script, env_id, continuous, tmp_path):
+    flags = ["--continuous-actions"] if continuous else []
+    run_ok(script, "--env-id", env_id, *flags, *TINY, cwd=tmp_path)
+    (run_dir,) = run_dirs(tmp_path)
+    metrics = read_metrics(run_dir)
+    assert [m["global_step"] for m in metrics] == [50, 100]
+    for line in metrics:
+        assert set(line) == expected_metrics(script, NUM_AGENTS[env_id])
+        assert all(math.isfinite(value) for value in line.values())
+        assert line["charts/episodic_length"] == 25
+    args = json.loads((run_dir / "args.json").read_text())
+    assert args["env_id"] == env_id and args["batch_size"] == 50 and args["num_iterations"] == 2
+
+
+@pytest.mark.parametrize("script", MPE_SCRIPTS)
+def test_save_resume_and_evaluate(script, tmp_path):
+    result = run_ok(script, *TINY, "--save-model", "--save-interval", "1", "--eval-episodes", "3", cwd=tmp_path)
+    assert "eval/episodic_return=" in result.stdout
+    (run_dir,) = run_dirs(tmp_path)
+    checkpoint_path = run_dir / f"{script[:-3]}.pt"
+    checkpoint = torch.load(checkpoint_path, weights_only=False)
+    assert checkpoint["global_step"] == 100 and checkpoint["iteration"] == 2
+
+    # resume to 200 steps: the step count and the metrics file continue
+    run_ok(script, *TINY[:4], "--total-timesteps", "200", *TINY[6:], "--save-model", "--resume", str(checkpoint_path),
+           cwd=tmp_path)  # fmt: skip
+    assert run_dirs(tmp_path) == [run_dir]
+    metrics = read_metrics(run_dir)
+    assert [m["global_step"] for m in train_metrics(metrics)] == [50, 100, 150, 200]
+    assert [m["global_step"] for m in metrics if "eval/episodic_return" in m] == [100, 200]
+    assert torch.load(checkpoint_path, weights_only=False)["global_step"] == 200
+
+    # evaluation only, with a video of the first episode
+    result = run_ok(script, "--eval-checkpoint", str(checkpoint_path), "--eval-episodes", "2", "--hidden-sizes", "16",
+                    "16", "--capture-video", cwd=tmp_path)  # fmt: skip
+    assert "eval/episodic_return=" in result.stdout
+    eval_dir = next(d for d in run_dirs(tmp_path) if d != run_dir)
+    (eval_line,) = read_metrics(eval_dir)
+    assert eval_line["global_step"] == 200 and math.isfinite(eval_line["eval/episodic_return"])
+    assert list((eval_dir / "videos").glob("*.mp4"))
+
+
+@pytest.mark.parametrize("script", MPE_SCRIPTS)
+def test_interrupt_saves_a_checkpoint_that_resumes(script, tmp_path):
+    env = {"SDL_VIDEODRIVER": "dummy"}
+    cmd = [sys.executable, str(REPO / script), *TINY[:4], "--total-timesteps", "1000000", *TINY[6:], "--save-model",
+           "--save-interval", "1000"]  # fmt: skip
+    process = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("runs/*/metrics.jsonl")) or not read_metrics(run_dirs(tmp_path)[0]):
+        assert time.time() < deadline and process.poll() is None, process.communicate()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, stderr
+    (run_dir,) = run_dirs(tmp_path)
+    checkpoint_path = run_dir / f"{script[:-3]}.pt"
+    last_step = train_metrics(read_metrics(run_dir))[-1]["global_step"]
+    assert torch.load(checkpoint_path, weights_only=False)["global_step"] == last_step
+    assert "--resume" in stdout
+
+    run_ok(script, *TINY[:4], "--total-timesteps", str(last_step + 50), *TINY[6:], "--resume", str(checkpoint_path),
+           cwd=tmp_path)  # fmt: skip
+    assert train_metrics(read_metrics(run_dir))[-1]["global_step"] == last_step + 50
+
+
+@pytest.mark.parametrize("script", MPE_SCRIPTS)
+def test_same_seed_gives_identical_metrics(script, tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        run_ok(script, "--env-id", "simple_speaker_listener_v4", "--continuous-actions", *TINY, "--seed", "7",
+               cwd=tmp_path / name)  # fmt: skip
+    first, second = (train_metrics(read_metrics(run_dirs(tmp_path / name)[0])) for name in ("a", "b"))
+    for line in first + second:
+        del line["charts/SPS"]  # wall-clock speed
+    assert first == second
+
+
+BAD_ARGUMENTS = [
+    (["--env-id", "simple_tag_v3"], ["simple_tag_v3", "simple_spread_v3", "simple_reference_v3",
+                                     "simple_speaker_listener_v4"]),
+    (["--num-envs", "0"], ["--num-envs", "positive"]),
+    (["--num-steps", "-5"], ["--num-steps", "positive"]),
+    (["--hidden-sizes", "16", "0"], ["--hidden-sizes", "positive"]),
+    (["--gamma", "1.5"], ["--gamma", "(0, 1]"]),
+    (["--num-envs", "2", "--num-steps", "25", "--num-minibatches", "3"], ["50", "--num-minibatches 3", "divisible"]),
+    (["--num-envs", "2", "--num-steps", "25", "--total-timesteps", "10"], ["--total-timesteps 10", "50"]),
+    (["--resume", "missing.pt"], ["missing.pt", "does not exist"]),
+    (["--eval-checkpoint", "missing.pt"], ["missing.pt", "does not exist"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("script", MPE_SCRIPTS)
+@pytest.mark.parametrize(("args", "words"), BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
+def test_bad_argument_exits_2_with_one_line(script, args, words, tmp_path):
+    result = run_script(script, *args, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert all(word in lines[0] for word in words), lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("script", MPE_SCRIPTS)
+def test_checkpoint_of_another_task_is_refused(script, tmp_path):
+    run_ok(script, *TINY, "--save-model", "--eval-episodes", "1", cwd=tmp_path)
+    (checkpoint_path,) = tmp_path.glob("runs/*/*.pt")
+    result = run_script(script, "--eval-checkpoint", str(checkpoint_path), "--env-id", "simple_reference_v3",
+                        cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "env_id='simple_spread_v3'" in line and "env_id='simple_reference_v3'" in line
+
+
+@pytest.mark.parametrize("script", MPE_SCRIPTS)
+def test_non_finite_update_stops_with_the_agent_named(script, tmp_path):
+    """A learning rate of 1e20 turns the first agent's parameters into NaN/inf during the first update."""
+    result = run_script(script, *TINY, "--learning-rate", "1e20", "--save-model", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "error: agent" in result.stderr and "nan" in result.stderr.lower()
+    (checkpoint_path,) = tmp_path.glob("runs/*/*.pt")
+    checkpoint = torch.load(checkpoint_path, weights_only=False)
+    assert checkpoint["global_step"] == 0  # the last good state, from before the update
+    assert all(torch.isfinite(p).all() for state in checkpoint["actors"] for p in state.values())
