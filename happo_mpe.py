@@ -601,6 +601,7 @@ if __name__ == "__main__":
     ]
     logprobs = [torch.zeros((T, E), device=device) for _ in agents]
     states = torch.zeros((T, E, state_size), device=device)
+    # values and next_values are the critic's outputs, in the value normaliser's units
     rewards, values, next_values, terminations, dones = (torch.zeros((T, E), device=device) for _ in range(5))
 
     # start the game; env i is seeded with seed + global_step + i, so a resumed run does not replay its first episodes
