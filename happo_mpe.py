@@ -99,12 +99,12 @@ class Args:
     max_grad_norm: float = 10.0
     """the maximum norm for gradient clipping"""
 
-    # Computed at run time
-    batch_size: int = 0
+    # Computed at run time (not command-line options)
+    batch_size: tyro.conf.Suppress[int] = 0
     """samples per agent per iteration (num_envs * num_steps)"""
-    minibatch_size: int = 0
+    minibatch_size: tyro.conf.Suppress[int] = 0
     """the minibatch size"""
-    num_iterations: int = 0
+    num_iterations: tyro.conf.Suppress[int] = 0
     """the number of iterations (total_timesteps // batch_size)"""
 
 

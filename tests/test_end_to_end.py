@@ -98,6 +98,14 @@ def test_interrupt_saves_a_checkpoint_that_resumes(script, tmp_path):
 
 
 @pytest.mark.parametrize("script", MPE_SCRIPTS)
+def test_track_logs_the_metrics_to_wandb_offline(script, tmp_path):
+    run_ok(script, *TINY, "--track", cwd=tmp_path)  # run_script sets WANDB_MODE=offline
+    (record,) = tmp_path.glob("runs/*/wandb/offline-run-*/run-*.wandb")
+    data = record.read_bytes()  # protobuf records: metric names are stored as plain strings
+    assert b"charts/episodic_return" in data and b"agent0/policy_loss" in data
+
+
+@pytest.mark.parametrize("script", MPE_SCRIPTS)
 def test_same_seed_gives_identical_metrics(script, tmp_path):
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
