@@ -455,9 +455,8 @@ if __name__ == "__main__":
     args.minibatch_size = args.batch_size // max(args.num_minibatches, 1)
     args.num_iterations = args.total_timesteps // max(args.batch_size, 1)
     validate_args(args)
-    checkpoint = (
-        load_checkpoint(args.resume or args.eval_checkpoint, args) if args.resume or args.eval_checkpoint else None
-    )
+    checkpoint_to_load = args.resume or args.eval_checkpoint
+    checkpoint = load_checkpoint(checkpoint_to_load, args) if checkpoint_to_load else None
 
     # seeding
     random.seed(args.seed)

@@ -46,6 +46,14 @@ def test_task_runs_two_iterations(script, env_id, continuous, tmp_path):
 
 
 @pytest.mark.parametrize("script", MPE_SCRIPTS)
+def test_ablation_flags_and_learning_rate_annealing(script, tmp_path):
+    run_ok(script, *TINY, "--fixed-order", "--no-sequential", "--anneal-lr", "--learning-rate", "0.001", cwd=tmp_path)
+    metrics = read_metrics(run_dirs(tmp_path)[0])
+    assert [m["charts/learning_rate"] for m in metrics] == [0.001, 0.0005]  # linear decay over the 2 iterations
+    assert all(math.isfinite(value) for line in metrics for value in line.values())
+
+
+@pytest.mark.parametrize("script", MPE_SCRIPTS)
 def test_save_resume_and_evaluate(script, tmp_path):
     result = run_ok(script, *TINY, "--save-model", "--save-interval", "1", "--eval-episodes", "3", cwd=tmp_path)
     assert "eval/episodic_return=" in result.stdout
