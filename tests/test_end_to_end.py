@@ -171,3 +171,12 @@ def test_non_finite_update_stops_with_the_agent_named(script, tmp_path):
     checkpoint = torch.load(checkpoint_path, weights_only=False)
     assert checkpoint["global_step"] == 0  # the last good state, from before the update
     assert all(torch.isfinite(p).all() for state in checkpoint["actors"] for p in state.values())
+
+
+@pytest.mark.parametrize("script", MPE_SCRIPTS)
+def test_import_has_no_side_effects(script, tmp_path):
+    code = f"import {script[:-3]}"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                            env={"PYTHONPATH": str(REPO), "PATH": ""})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "" and list(tmp_path.iterdir()) == []
