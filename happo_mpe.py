@@ -33,7 +33,7 @@ class Args:
     cuda: bool = False
     """if toggled, use CUDA when available (these small networks usually run faster on the CPU)"""
     torch_threads: int = 1
-    """torch.set_num_threads: one thread is fastest for these small networks"""
+    """torch.set_num_threads; one per run leaves the other cores to parallel runs (results depend on it)"""
     track: bool = False
     """if toggled, log to Weights and Biases (respects WANDB_MODE, e.g. WANDB_MODE=offline)"""
     wandb_project_name: str = "marl-trust-region"
