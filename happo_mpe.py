@@ -102,8 +102,6 @@ class Args:
     # Computed at run time (not command-line options)
     batch_size: tyro.conf.Suppress[int] = 0
     """samples per agent per iteration (num_envs * num_steps)"""
-    minibatch_size: tyro.conf.Suppress[int] = 0
-    """the minibatch size"""
     num_iterations: tyro.conf.Suppress[int] = 0
     """the number of iterations (total_timesteps // batch_size)"""
 
@@ -117,6 +115,8 @@ def fail(message: str):
 def validate_args(args: Args):
     if args.env_id not in ENV_IDS:
         fail(f"unknown --env-id {args.env_id!r}; valid ids: {', '.join(ENV_IDS)}")
+    if not args.exp_name or os.sep in args.exp_name:
+        fail(f"--exp-name {args.exp_name!r} must be a non-empty name without {os.sep!r} (it names files)")
     positive = (
         "num_envs num_steps total_timesteps num_minibatches ppo_epochs critic_epochs max_cycles save_interval "
         "eval_episodes torch_threads learning_rate critic_learning_rate max_grad_norm huber_delta"
@@ -452,7 +452,6 @@ def check_finite(metrics: dict, networks: dict):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     args.batch_size = args.num_envs * args.num_steps
-    args.minibatch_size = args.batch_size // max(args.num_minibatches, 1)
     args.num_iterations = args.total_timesteps // max(args.batch_size, 1)
     validate_args(args)
     checkpoint_to_load = args.resume or args.eval_checkpoint
@@ -717,12 +716,6 @@ if __name__ == "__main__":
             )
 
             # logging
-            var_returns = b_returns.var().item()
-            explained_var = (
-                1 - (b_returns - values_denormalized.reshape(-1)).var().item() / var_returns
-                if var_returns > 0
-                else np.nan
-            )
             sps = int((global_step - start_step) / (time.time() - start_time))
             metrics = {
                 "global_step": global_step,
@@ -730,8 +723,10 @@ if __name__ == "__main__":
                 "charts/learning_rate": actor_optimizers[0].param_groups[0]["lr"],
                 "losses/value_loss": value_loss,
             }
-            if math.isfinite(explained_var):
-                metrics["losses/explained_variance"] = explained_var
+            var_returns = b_returns.var().item()
+            if var_returns > 0:
+                residual_var = (b_returns - values_denormalized.reshape(-1)).var().item()
+                metrics["losses/explained_variance"] = 1 - residual_var / var_returns
             if finished_returns:
                 metrics["charts/episodic_return"] = float(np.mean(finished_returns))
                 metrics["charts/episodic_length"] = float(np.mean(finished_lengths))

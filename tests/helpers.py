@@ -11,8 +11,13 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p.name for p in REPO.glob("*.py"))
 MPE_SCRIPTS = [s for s in SCRIPTS if s.endswith("_mpe.py")]
 
-# Two iterations of 2 envs x 25 steps (one MPE episode per env per iteration) with small networks.
-TINY = ["--num-envs", "2", "--num-steps", "25", "--total-timesteps", "100", "--hidden-sizes", "16", "16"]
+
+def tiny(total_timesteps: int = 100) -> list[str]:
+    """2 envs x 25 steps per iteration (one MPE episode per env) with small networks; 100 steps = two iterations."""
+    return f"--num-envs 2 --num-steps 25 --total-timesteps {total_timesteps} --hidden-sizes 16 16".split()
+
+
+TINY = tiny()
 
 
 def load_script(script: str):
@@ -20,11 +25,17 @@ def load_script(script: str):
     return importlib.import_module(Path(script).stem)
 
 
+def script_command(script: str, *args: str) -> list[str]:
+    return [sys.executable, str(REPO / script), *args]
+
+
+SCRIPT_ENV = {**os.environ, "SDL_VIDEODRIVER": "dummy", "WANDB_MODE": "offline"}  # headless rendering, no network
+
+
 def run_script(script: str, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `python script args...` in cwd (its runs/ folder lands there)."""
-    env = {**os.environ, "SDL_VIDEODRIVER": "dummy", "WANDB_MODE": "offline"}
     return subprocess.run(
-        [sys.executable, str(REPO / script), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+        script_command(script, *args), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=SCRIPT_ENV
     )
 
 

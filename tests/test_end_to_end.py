@@ -9,7 +9,19 @@ import time
 
 import pytest
 import torch
-from helpers import MPE_SCRIPTS, REPO, TINY, read_metrics, run_dirs, run_ok, run_script, train_metrics
+from helpers import (
+    MPE_SCRIPTS,
+    REPO,
+    SCRIPT_ENV,
+    TINY,
+    read_metrics,
+    run_dirs,
+    run_ok,
+    run_script,
+    script_command,
+    tiny,
+    train_metrics,
+)
 
 TASKS = ["simple_spread_v3", "simple_reference_v3", "simple_speaker_listener_v4"]
 NUM_AGENTS = {"simple_spread_v3": 3, "simple_reference_v3": 2, "simple_speaker_listener_v4": 2}
@@ -63,8 +75,7 @@ def test_save_resume_and_evaluate(script, tmp_path):
     assert checkpoint["global_step"] == 100 and checkpoint["iteration"] == 2
 
     # resume to 200 steps: the step count and the metrics file continue
-    run_ok(script, *TINY[:4], "--total-timesteps", "200", *TINY[6:], "--save-model", "--resume", str(checkpoint_path),
-           cwd=tmp_path)  # fmt: skip
+    run_ok(script, *tiny(200), "--save-model", "--resume", str(checkpoint_path), cwd=tmp_path)
     assert run_dirs(tmp_path) == [run_dir]
     metrics = read_metrics(run_dir)
     assert [m["global_step"] for m in train_metrics(metrics)] == [50, 100, 150, 200]
@@ -83,10 +94,9 @@ def test_save_resume_and_evaluate(script, tmp_path):
 
 @pytest.mark.parametrize("script", MPE_SCRIPTS)
 def test_interrupt_saves_a_checkpoint_that_resumes(script, tmp_path):
-    env = {"SDL_VIDEODRIVER": "dummy"}
-    cmd = [sys.executable, str(REPO / script), *TINY[:4], "--total-timesteps", "1000000", *TINY[6:], "--save-model",
-           "--save-interval", "1000"]  # fmt: skip
-    process = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    cmd = script_command(script, *tiny(1_000_000), "--save-model", "--save-interval", "1000")
+    process = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=SCRIPT_ENV)  # fmt: skip
     deadline = time.time() + 120
     while not list(tmp_path.glob("runs/*/metrics.jsonl")) or not read_metrics(run_dirs(tmp_path)[0]):
         assert time.time() < deadline and process.poll() is None, process.communicate()
@@ -100,8 +110,7 @@ def test_interrupt_saves_a_checkpoint_that_resumes(script, tmp_path):
     assert torch.load(checkpoint_path, weights_only=False)["global_step"] == last_step
     assert "--resume" in stdout
 
-    run_ok(script, *TINY[:4], "--total-timesteps", str(last_step + 50), *TINY[6:], "--resume", str(checkpoint_path),
-           cwd=tmp_path)  # fmt: skip
+    run_ok(script, *tiny(last_step + 50), "--resume", str(checkpoint_path), cwd=tmp_path)
     assert train_metrics(read_metrics(run_dir))[-1]["global_step"] == last_step + 50
 
 
@@ -134,6 +143,7 @@ BAD_ARGUMENTS = [
     (["--gamma", "1.5"], ["--gamma", "(0, 1]"]),
     (["--num-envs", "2", "--num-steps", "25", "--num-minibatches", "3"], ["50", "--num-minibatches 3", "divisible"]),
     (["--num-envs", "2", "--num-steps", "25", "--total-timesteps", "10"], ["--total-timesteps 10", "50"]),
+    (["--exp-name", "a/b"], ["--exp-name", "'a/b'"]),
     (["--resume", "missing.pt"], ["missing.pt", "does not exist"]),
     (["--eval-checkpoint", "missing.pt"], ["missing.pt", "does not exist"]),
 ]  # fmt: skip
