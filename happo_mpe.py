@@ -112,25 +112,30 @@ def fail(message: str):
     sys.exit(2)
 
 
+# The range of each numeric field: (fields, test, what the error message says)
+ARG_RANGES = (
+    (
+        "num_envs num_steps total_timesteps num_minibatches critic_epochs max_cycles save_interval eval_episodes "
+        "torch_threads critic_learning_rate max_grad_norm huber_delta learning_rate ppo_epochs",
+        lambda x: x > 0,
+        "positive",
+    ),
+    ("gamma gae_lambda clip_coef", lambda x: 0 < x <= 1, "in (0, 1]"),
+    ("ent_coef", lambda x: x >= 0, ">= 0"),
+)
+
+
 def validate_args(args: Args):
     if args.env_id not in ENV_IDS:
         fail(f"unknown --env-id {args.env_id!r}; valid ids: {', '.join(ENV_IDS)}")
     if not args.exp_name or os.sep in args.exp_name:
         fail(f"--exp-name {args.exp_name!r} must be a non-empty name without {os.sep!r} (it names files)")
-    positive = (
-        "num_envs num_steps total_timesteps num_minibatches ppo_epochs critic_epochs max_cycles save_interval "
-        "eval_episodes torch_threads learning_rate critic_learning_rate max_grad_norm huber_delta"
-    )
-    for name in positive.split():
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for names, in_range, expected in ARG_RANGES:
+        for name in names.split():
+            if not in_range(getattr(args, name)):
+                fail(f"--{name.replace('_', '-')} must be {expected}, got {getattr(args, name)}")
     if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
         fail(f"--hidden-sizes must be one or more positive sizes, got {args.hidden_sizes}")
-    for name in ("gamma", "gae_lambda", "clip_coef"):
-        if not 0 < getattr(args, name) <= 1:
-            fail(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(args, name)}")
-    if args.ent_coef < 0:
-        fail(f"--ent-coef must be >= 0, got {args.ent_coef}")
     if args.batch_size % args.num_minibatches != 0:
         fail(f"batch of {args.batch_size} steps is not divisible by --num-minibatches {args.num_minibatches}")
     if args.total_timesteps < args.batch_size:
@@ -225,12 +230,17 @@ class Actor(nn.Module):
             # std = 0.5 * sigmoid(log_std) starts near 0.37 and never exceeds 0.5 (HARL)
             self.log_std = nn.Parameter(torch.ones(num_outputs))
 
-    def distribution(self, obs: torch.Tensor):
+    def forward(self, obs: torch.Tensor) -> tuple:
+        """The parameters u of pi^i(.|o^i): (logits,) for Discrete actions, (mean, std) for Box actions."""
         out = self.head(self.trunk(obs))
-        if self.continuous:
-            # Independent: log-probs and entropies sum over action dimensions (ratio = product of per-dim ratios)
-            return Independent(Normal(out, 0.5 * torch.sigmoid(self.log_std)), 1)
-        return Categorical(logits=out)
+        return (out, 0.5 * torch.sigmoid(self.log_std)) if self.continuous else (out,)
+
+    def distribution_from(self, params: tuple):
+        # Independent: log-probs and entropies sum over action dimensions (ratio = product of per-dim ratios)
+        return Independent(Normal(*params), 1) if self.continuous else Categorical(logits=params[0])
+
+    def distribution(self, obs: torch.Tensor):
+        return self.distribution_from(self(obs))
 
 
 class Critic(nn.Module):
@@ -304,12 +314,12 @@ def happo_update(
     logp_old,
     advantages,
     factor,
-    clip_coef: float,
-    ent_coef: float,
-    epochs: int,
-    num_minibatches: int,
-    max_grad_norm: float,
-    rng: np.random.Generator,
+    clip_coef,
+    ent_coef,
+    epochs,
+    num_minibatches,
+    max_grad_norm,
+    rng,
 ) -> dict:
     """HAPPO update of one agent i_m: maximise E[M * min(r A, clip(r, 1 - eps, 1 + eps) A)] + entropy bonus, with
     r = pi_new(a|o) / pi_old(a|o) and M the factor of the agents updated before it. Returns means over the update."""
