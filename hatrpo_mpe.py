@@ -105,7 +105,7 @@ class Args:
     huber_delta: float = 10.0
     """delta of the Huber value loss"""
     max_grad_norm: float = 10.0
-    """the maximum norm for gradient clipping"""
+    """the maximum norm for gradient clipping of the critic"""
 
     # Computed at run time (not command-line options)
     batch_size: tyro.conf.Suppress[int] = 0
@@ -314,10 +314,6 @@ def minibatches(rng: np.random.Generator, batch_size: int, num_minibatches: int)
     return [torch.from_numpy(mb) for mb in np.split(rng.permutation(batch_size), num_minibatches)]
 
 
-def flat_grad(output: torch.Tensor, params: list, **kwargs) -> torch.Tensor:
-    return torch.cat([grad.reshape(-1) for grad in torch.autograd.grad(output, params, **kwargs)])
-
-
 def conjugate_gradient(matrix_vector_product: Callable, b: torch.Tensor, iters: int, residual_tol: float = 1e-10):
     """Approximately solve A x = b for a symmetric positive definite A given as the function x -> A x."""
     x, r, p = torch.zeros_like(b), b.clone(), b.clone()  # solution, residual b - A x, search direction
@@ -385,7 +381,7 @@ def hatrpo_update(
         return (torch.exp(dist.log_prob(actions) - logp_old) * factor * advantages).mean()
 
     surrogate_old = surrogate(actor.distribution(obs))
-    g = flat_grad(surrogate_old, params)
+    g = parameters_to_vector(torch.autograd.grad(surrogate_old, params))
     fvp = fisher_vector_product(actor, obs, cg_damping)
     x = conjugate_gradient(fvp, g, cg_iters)  # x = (F + damping I)^{-1} g
     # the full step s = beta x has the quadratic KL estimate 1/2 s^T (F + damping I) s = kl_threshold

@@ -192,11 +192,6 @@ def happo_update_outputs(m) -> tuple:
     return stats, actor.state_dict()
 
 
-def flat_grad_outputs(m) -> torch.Tensor:
-    a, b = x(2, 2).requires_grad_(), x(3, seed=2).requires_grad_()
-    return m.flat_grad((a**2).sum() + a.sum() * b.exp().sum(), [a, b])
-
-
 SPREAD_ACTIONS = [(0, 1, 2), (3, 4, 0), (1, 1, 1)]
 LISTENER_ACTIONS = [(np.full(3, 0.2, np.float32), np.linspace(0, 1, 5, dtype=np.float32))] * 3
 BAD_ARGS = [{"env_id": "nope"}, {"num_envs": 0}, {"hidden_sizes": ()}, {"gamma": 2.0}, {"total_timesteps": 10},
@@ -235,7 +230,6 @@ BEHAVIOUR = {
     "check_finite": lambda m, tmp_path: check_finite_outputs(m),
     # defined in one script today; the sibling scripts of other environments will share them
     "happo_update": lambda m, tmp_path: happo_update_outputs(m),
-    "flat_grad": lambda m, tmp_path: flat_grad_outputs(m),
     "conjugate_gradient": lambda m, tmp_path: m.conjugate_gradient(lambda v: 3 * v + v.sum(), x(6), 4),
     "fisher_vector_product": lambda m, tmp_path: fisher_vector_product_outputs(m),
     "hatrpo_update": lambda m, tmp_path: hatrpo_update_outputs(m),
