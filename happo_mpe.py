@@ -502,7 +502,7 @@ if __name__ == "__main__":
         [make_env(args.env_id, args.continuous_actions, args.max_cycles) for _ in range(args.num_envs)],
         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
     )
-    agents = envs.envs[0].agents
+    agents = envs.get_attr("agents")[0]
     num_agents = len(agents)
     action_spaces = list(envs.single_action_space)
     state_size = envs.single_observation_space["state"].shape[0]

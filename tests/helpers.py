@@ -10,6 +10,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p.name for p in REPO.glob("*.py"))
 MPE_SCRIPTS = [s for s in SCRIPTS if s.endswith("_mpe.py")]
+MAMUJOCO_SCRIPTS = [s for s in SCRIPTS if s.endswith("_mamujoco.py")]
+
+
+def family(script: str) -> str:
+    """The environment family of a script, the end of its name: happo_mpe.py -> "mpe"."""
+    return Path(script).stem.rsplit("_", 1)[1]
 
 
 def tiny(total_timesteps: int = 100) -> list[str]:

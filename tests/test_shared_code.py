@@ -1,6 +1,7 @@
 """Code shared between scripts is copied word for word: every top-level function or class that several scripts define
 under the same name has the same source text in each, and behaves the same on the same inputs (identical text can
-still differ through the module-level names it uses). Every top-level script is covered, new ones included."""
+still differ through the module-level names it uses). Helpers that build or check the environment are compared within
+an environment family (*_mpe.py, *_mamujoco.py). Every top-level script is covered, new ones included."""
 
 import ast
 import contextlib
@@ -12,10 +13,11 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, SCRIPTS, load_script
+from helpers import REPO, SCRIPTS, family, load_script
 from torch import nn
 
 PER_SCRIPT = {"Args"}  # each script's own command line; any other name defined twice must be the same code
+PER_FAMILY = {"validate_args", "make_env"}  # they know the environment: shared within a family
 
 
 def top_level_definitions(script: str) -> dict[str, str]:
@@ -26,22 +28,29 @@ def top_level_definitions(script: str) -> dict[str, str]:
 
 DEFINITIONS = {script: top_level_definitions(script) for script in SCRIPTS}
 ALL_NAMES = {name for definitions in DEFINITIONS.values() for name in definitions}
-SHARED = {
-    name: [script for script in SCRIPTS if name in DEFINITIONS[script]]
-    for name in sorted(ALL_NAMES - PER_SCRIPT)
-    if sum(name in definitions for definitions in DEFINITIONS.values()) > 1
+FAMILIES = sorted({family(s) for s in SCRIPTS})
+CANDIDATES = {name: [s for s in SCRIPTS if name in DEFINITIONS[s]] for name in ALL_NAMES - PER_SCRIPT - PER_FAMILY} | {
+    f"{name}[{f}]": [s for s in SCRIPTS if name in DEFINITIONS[s] and family(s) == f]
+    for name in PER_FAMILY
+    for f in FAMILIES
 }
+SHARED = {key: scripts for key, scripts in sorted(CANDIDATES.items()) if len(scripts) > 1}  # "make_env[mpe]": scripts
+
+
+def helper_name(key: str) -> str:
+    return key.split("[")[0]
 
 
 def test_the_scripts_share_their_harness():
     """Guards the tests below against passing vacuously (no scripts found, or nothing shared)."""
-    assert {"happo_mpe.py", "hatrpo_mpe.py"} <= set(SCRIPTS)
+    assert {"happo_mpe.py", "hatrpo_mpe.py", "happo_mamujoco.py", "hatrpo_mamujoco.py"} <= set(SCRIPTS)
     assert {"compute_gae", "Actor", "Critic", "ValueNorm", "sequential_update", "critic_update"} <= set(SHARED)
+    assert {"validate_args[mpe]", "make_env[mamujoco]", "hatrpo_update", "happo_update"} <= set(SHARED)
 
 
-@pytest.mark.parametrize("name", SHARED)
-def test_shared_helper_has_identical_source(name):
-    first, *others = SHARED[name]
+@pytest.mark.parametrize("key", SHARED)
+def test_shared_helper_has_identical_source(key):
+    name, (first, *others) = helper_name(key), SHARED[key]
     for other in others:
         expected, actual = DEFINITIONS[first][name], DEFINITIONS[other][name]
         diff = "\n".join(difflib.unified_diff(expected.splitlines(), actual.splitlines(), first, other, lineterm=""))
@@ -130,17 +139,17 @@ def critic_update_outputs(m) -> tuple:
 
 
 def checkpoint_outputs(m, tmp_path) -> tuple:
-    args, path = make_args(m), str(tmp_path / "checkpoint.pt")
+    args, path = make_args(m, env_id="task-a"), str(tmp_path / "checkpoint.pt")
     m.save_checkpoint({"args": vars(args), "weights": x(3)}, path)
     loaded = m.load_checkpoint(path, args)
-    mismatch = exit_of(m.load_checkpoint, path, make_args(m, env_id="simple_reference_v3"))
+    mismatch = exit_of(m.load_checkpoint, path, make_args(m, env_id="task-b"))
     unreadable = tmp_path / "not_a_checkpoint.pt"
     unreadable.write_text("text")
     return loaded["weights"], mismatch, exit_of(m.load_checkpoint, str(unreadable), args)
 
 
 def evaluate_outputs(m) -> np.ndarray:
-    env = m.make_env("simple_spread_v3", False, 25)()
+    env = load_script("happo_mpe.py").make_env("simple_spread_v3", False, 25)()  # the same env for every script
     actors = [seeded(lambda: m.Actor(18, gym.spaces.Discrete(5), (8,)), seed) for seed in range(3)]
     return m.evaluate(actors, env, 2, 5, "cpu")
 
@@ -192,6 +201,15 @@ def happo_update_outputs(m) -> tuple:
     return stats, actor.state_dict()
 
 
+def make_env_outputs(m) -> list:
+    if family(m.__name__ + ".py") == "mpe":
+        return rollout(m.make_env("simple_spread_v3", False, 25)(), SPREAD_ACTIONS)
+    return rollout(m.make_env("Humanoid-9|8", None)(), HUMANOID_ACTIONS)
+
+
+CHEETAH_ACTIONS = [tuple(np.full(1, 0.1 * (i - j), np.float32) for i in range(6)) for j in range(3)]
+HOPPER_ACTIONS = [tuple(np.full(1, 0.5 * (i - j), np.float32) for i in range(3)) for j in range(3)]
+HUMANOID_ACTIONS = [(np.full(9, 0.1 * j, np.float32), np.full(8, -0.1 * j, np.float32)) for j in range(3)]
 SPREAD_ACTIONS = [(0, 1, 2), (3, 4, 0), (1, 1, 1)]
 LISTENER_ACTIONS = [(np.full(3, 0.2, np.float32), np.linspace(0, 1, 5, dtype=np.float32))] * 3
 BAD_ARGS = [{"env_id": "nope"}, {"num_envs": 0}, {"hidden_sizes": ()}, {"gamma": 2.0}, {"total_timesteps": 10},
@@ -201,7 +219,12 @@ BEHAVIOUR = {
     "fail": lambda m, tmp_path: exit_of(m.fail, "a message"),
     "validate_args": lambda m, tmp_path: [exit_of(m.validate_args, make_args(m, **bad)) for bad in BAD_ARGS],
     "MPETeamEnv": lambda m, tmp_path: rollout(m.MPETeamEnv("simple_speaker_listener_v4", True, 25), LISTENER_ACTIONS),
-    "make_env": lambda m, tmp_path: rollout(m.make_env("simple_spread_v3", False, 25)(), SPREAD_ACTIONS),
+    "make_env": lambda m, tmp_path: make_env_outputs(m),
+    "MaMuJoCoTeamEnv": lambda m, tmp_path: [
+        rollout(m.MaMuJoCoTeamEnv("HalfCheetah-6x1", 1), CHEETAH_ACTIONS),
+        rollout(m.MaMuJoCoTeamEnv("Hopper-3x1", None), HOPPER_ACTIONS),
+    ],
+    "standardize": lambda m, tmp_path: m.standardize(np.array([1.0, -2.0, 4.0, 0.5])),
     "layer_init": lambda m, tmp_path: seeded(lambda: m.layer_init(nn.Linear(3, 4), std=0.5)).state_dict(),
     "mlp": lambda m, tmp_path: seeded(lambda: m.mlp(5, (8, 8)))(x(3, 5)),
     "Actor": lambda m, tmp_path: actor_outputs(m),
@@ -259,10 +282,10 @@ def test_every_behaviour_check_names_a_real_helper():
     assert set(BEHAVIOUR) <= ALL_NAMES
 
 
-@pytest.mark.parametrize("name", SHARED)
-def test_shared_helper_behaves_identically(name, tmp_path):
-    assert name in BEHAVIOUR, f"{name} is shared by {SHARED[name]}: add a behaviour check for it to BEHAVIOUR"
-    first, *others = SHARED[name]
+@pytest.mark.parametrize("key", SHARED)
+def test_shared_helper_behaves_identically(key, tmp_path):
+    name, (first, *others) = helper_name(key), SHARED[key]
+    assert name in BEHAVIOUR, f"{name} is shared by {SHARED[key]}: add a behaviour check for it to BEHAVIOUR"
     expected = BEHAVIOUR[name](load_script(first), tmp_path)
     for other in others:
         assert_same(expected, BEHAVIOUR[name](load_script(other), tmp_path), f"{name} of {other} vs {first}")

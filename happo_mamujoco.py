@@ -1,0 +1,827 @@
+# HAPPO (Kuba et al., ICLR 2022, https://arxiv.org/abs/2109.11251) on MaMuJoCo; docs: README.md#happo_mamujocopy
+import contextlib
+import copy
+import io
+import json
+import math
+import os
+import random
+import re
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+from torch import nn
+from torch.distributions import Categorical, Independent, Normal
+
+with contextlib.redirect_stderr(io.StringIO()):  # gymnasium_robotics prints a notice about its Adroit envs on import
+    from gymnasium_robotics import mamujoco_v1
+
+# mamujoco_v1's scenarios and the agent partitions it defines for each; the ManySegment robots take any "NxK" (N agents
+# of K segments). mamujoco_v1 1.4.2 also lists CoupledHalfCheetah-1p1, which fails inside mamujoco_v1 when built.
+PARTITIONS = {
+    "Ant": ("2x4", "2x4d", "4x2"),
+    "HalfCheetah": ("2x3", "6x1"),
+    "Hopper": ("3x1",),
+    "Humanoid": ("9|8",),
+    "HumanoidStandup": ("9|8",),
+    "Pusher": ("3p",),
+    "Reacher": ("2x1",),
+    "Swimmer": ("2x1",),
+    "Walker2d": ("2x3",),
+    "ManySegmentSwimmer": ("NxK",),
+    "ManySegmentAnt": ("NxK",),
+}
+ENV_IDS = tuple(f"{scenario}-{partition}" for scenario, partitions in PARTITIONS.items() for partition in partitions)
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = False
+    """if toggled, use CUDA when available (these small networks usually run faster on the CPU)"""
+    torch_threads: int = 1
+    """torch.set_num_threads; one per run leaves the other cores to parallel runs (results depend on it)"""
+    track: bool = False
+    """if toggled, log to Weights and Biases (respects WANDB_MODE, e.g. WANDB_MODE=offline)"""
+    wandb_project_name: str = "marl-trust-region"
+    """the wandb project name"""
+    wandb_entity: str | None = None
+    """the entity (team) of the wandb project"""
+    capture_video: bool = False
+    """if toggled, evaluation writes a video of its first episode to runs/{run_name}/videos"""
+    save_model: bool = False
+    """if toggled, save a checkpoint every `save_interval` iterations, at the end and on Ctrl-C, then evaluate"""
+    save_interval: int = 50
+    """iterations between two checkpoints"""
+    resume: str | None = None
+    """path of a checkpoint to continue training from (same env and architecture)"""
+    eval_checkpoint: str | None = None
+    """path of a checkpoint to evaluate with deterministic actions; no training"""
+    eval_episodes: int = 10
+    """episodes per evaluation"""
+
+    # Environment
+    env_id: str = "HalfCheetah-2x3"
+    """Scenario-Partition of mamujoco_v1, e.g. HalfCheetah-2x3, Ant-2x4, HalfCheetah-6x1, Walker2d-2x3, Humanoid-9|8"""
+    agent_obsk: int | None = None
+    """None: every agent observes the full state and its one-hot id (the papers); K: mamujoco_v1's local observations
+    of the joints within K hops"""
+    async_envs: bool = False
+    """if toggled, step the envs in subprocesses (gymnasium.vector.AsyncVectorEnv) instead of in this process"""
+    total_timesteps: int = 10_000_000
+    """total environment steps (one per env per vector step, all agents acting at once)"""
+    num_envs: int = 20
+    """the number of parallel environments"""
+    num_steps: int = 200
+    """the number of steps per environment per rollout"""
+
+    # Algorithm
+    learning_rate: float = 5e-4
+    """Adam learning rate of the actors"""
+    critic_learning_rate: float = 5e-4
+    """Adam learning rate of the critic"""
+    anneal_lr: bool = False
+    """if toggled, decay both learning rates linearly to 0"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    gae_lambda: float = 0.95
+    """the lambda of generalised advantage estimation"""
+    hidden_sizes: tuple[int, ...] = (128, 128, 128)
+    """hidden layer sizes of the actors and the critic"""
+    sequential: bool = True
+    """weight each agent's advantage by the factor M of the agents updated before it (--no-sequential: M = 1)"""
+    fixed_order: bool = False
+    """if toggled, update the agents in index order instead of a fresh random order every iteration"""
+    ppo_epochs: int = 5
+    """epochs of each agent's policy update"""
+    num_minibatches: int = 1
+    """minibatches per epoch (actors and critic)"""
+    clip_coef: float = 0.2
+    """the surrogate clipping coefficient epsilon (also clips the value loss)"""
+    ent_coef: float = 0.0
+    """coefficient of the entropy bonus (HARL's MaMuJoCo default 0; its tuned HalfCheetah-2x3 value is 0.01)"""
+    critic_epochs: int = 5
+    """epochs of the critic update"""
+    huber_delta: float = 10.0
+    """delta of the Huber value loss"""
+    max_grad_norm: float = 10.0
+    """the maximum norm for gradient clipping"""
+
+    # Computed at run time (not command-line options)
+    batch_size: tyro.conf.Suppress[int] = 0
+    """samples per agent per iteration (num_envs * num_steps)"""
+    num_iterations: tyro.conf.Suppress[int] = 0
+    """the number of iterations (total_timesteps // batch_size)"""
+
+
+def fail(message: str):
+    """A user's mistake: one line on stderr, exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# The range of each numeric field: (fields, test, what the error message says)
+ARG_RANGES = (
+    (
+        "num_envs num_steps total_timesteps num_minibatches critic_epochs save_interval eval_episodes "
+        "torch_threads critic_learning_rate max_grad_norm huber_delta learning_rate ppo_epochs",
+        lambda x: x > 0,
+        "positive",
+    ),
+    ("gamma gae_lambda clip_coef", lambda x: 0 < x <= 1, "in (0, 1]"),
+    ("ent_coef", lambda x: x >= 0, ">= 0"),
+)
+
+
+def validate_args(args: Args):
+    scenario, _, partition = args.env_id.rpartition("-")
+    partitions = PARTITIONS.get(scenario, ())
+    if not (partition in partitions or (partitions == ("NxK",) and re.fullmatch(r"[1-9]\d*x[1-9]\d*", partition))):
+        fail(f"unknown --env-id {args.env_id!r} (Scenario-Partition); valid ids: {', '.join(ENV_IDS)}")
+    if args.agent_obsk is not None and args.agent_obsk < 0:
+        fail(f"--agent-obsk must be >= 0 (joints within K hops) or None (the full state), got {args.agent_obsk}")
+    if not args.exp_name or os.sep in args.exp_name:
+        fail(f"--exp-name {args.exp_name!r} must be a non-empty name without {os.sep!r} (it names files)")
+    for names, in_range, expected in ARG_RANGES:
+        for name in names.split():
+            if not in_range(getattr(args, name)):
+                fail(f"--{name.replace('_', '-')} must be {expected}, got {getattr(args, name)}")
+    if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
+        fail(f"--hidden-sizes must be one or more positive sizes, got {args.hidden_sizes}")
+    if args.batch_size % args.num_minibatches != 0:
+        fail(f"batch of {args.batch_size} steps is not divisible by --num-minibatches {args.num_minibatches}")
+    if args.total_timesteps < args.batch_size:
+        fail(f"--total-timesteps {args.total_timesteps} is smaller than one batch of {args.batch_size} steps")
+    if args.resume and args.eval_checkpoint:
+        fail("give either --resume or --eval-checkpoint, not both")
+    for path in (args.resume, args.eval_checkpoint):
+        if path is not None and not os.path.isfile(path):
+            fail(f"checkpoint {path!r} does not exist")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Environment: one mamujoco_v1 parallel env as a gymnasium.Env, so gymnasium.vector can batch it
+def standardize(x: np.ndarray) -> np.ndarray:
+    """A vector minus its mean, over its standard deviation, across its own features (HARL's MaMuJoCo inputs)."""
+    return ((x - x.mean()) / (x.std() + 1e-8)).astype(np.float32)
+
+
+class MaMuJoCoTeamEnv(gym.Env):
+    """Observation: Dict of the global state and each agent's observation; action: Tuple of per-agent joint torques;
+    reward: the team reward (the robot's reward, shared by all agents). Each vector is standardised over its features.
+
+    agent_obsk=None (default): each agent observes the full state and its one-hot id, as in the papers and HARL. The env
+    then steps the single-agent MuJoCo v5 env under mamujoco_v1 directly, with mamujoco_v1's own mapping of agent
+    actions to joints, and skips building the local observations nobody reads. agent_obsk=K: mamujoco_v1's local
+    observation of the joints within K hops of each agent's own."""
+
+    def __init__(self, env_id: str, agent_obsk: int | None, render_mode: str | None = None):
+        scenario, _, partition = env_id.rpartition("-")
+        if render_mode is not None:
+            os.environ.setdefault("MUJOCO_GL", "egl")  # render without a display, unless MUJOCO_GL says otherwise
+        self.ma_env = mamujoco_v1.parallel_env(
+            scenario, partition, agent_obsk=1 if agent_obsk is None else agent_obsk, render_mode=render_mode
+        )
+        self.robot = self.ma_env.single_agent_env  # MuJoCo v5 env with its 1000-step time limit
+        self.agent_obsk, self.agents, self.render_mode = agent_obsk, self.ma_env.possible_agents, render_mode
+        self.metadata = {"render_modes": ["rgb_array"], "render_fps": self.robot.metadata["render_fps"]}
+        # each agent's joints: indices of its actions in the robot's action vector (mamujoco_v1's partition)
+        self.joints = [np.array([node.act_ids for node in part]) for part in self.ma_env.agent_action_partitions]
+        state_size = self.robot.observation_space.shape[0]
+        obs_sizes = [
+            state_size + len(self.agents) if agent_obsk is None else self.ma_env.observation_space(a).shape[0]
+            for a in self.agents
+        ]
+        sizes = {"state": state_size, **dict(zip(self.agents, obs_sizes))}
+        self.observation_space = gym.spaces.Dict(
+            {key: gym.spaces.Box(-np.inf, np.inf, (size,), np.float32) for key, size in sizes.items()}
+        )
+        self.action_space = gym.spaces.Tuple([self.ma_env.action_space(a) for a in self.agents])
+
+    def robot_action(self, action) -> np.ndarray:
+        """The agents' actions placed on the robot's joints."""
+        robot_action = np.zeros(self.robot.action_space.shape)
+        for joints, agent_action in zip(self.joints, action):
+            robot_action[joints] = agent_action
+        return robot_action
+
+    def _observe(self, state: np.ndarray, local_obs: dict | None) -> dict:
+        if local_obs is None:  # the full state and a one-hot agent id
+            agent_obs = [np.concatenate([state, one_hot]) for one_hot in np.eye(len(self.agents))]
+        else:
+            agent_obs = [local_obs[a] for a in self.agents]
+        return {"state": standardize(state), **{a: standardize(o) for a, o in zip(self.agents, agent_obs)}}
+
+    def reset(self, seed=None, options=None):
+        if self.agent_obsk is None:
+            state, _ = self.robot.reset(seed=seed)
+            return self._observe(state, None), {}
+        local_obs, _ = self.ma_env.reset(seed=seed)
+        return self._observe(self.ma_env.state(), local_obs), {}
+
+    def step(self, action):
+        if self.agent_obsk is None:
+            state, reward, terminated, truncated, _ = self.robot.step(self.robot_action(action))
+            return self._observe(state, None), float(reward), terminated, truncated, {}
+        local_obs, rewards, terminations, truncations, _ = self.ma_env.step(dict(zip(self.agents, action)))
+        state, first = self.ma_env.state(), self.agents[0]  # every agent gets the same reward and episode end
+        return self._observe(state, local_obs), rewards[first], terminations[first], truncations[first], {}
+
+    def render(self):
+        return self.ma_env.render()
+
+    def close(self):
+        self.ma_env.close()
+
+
+def make_env(env_id: str, agent_obsk: int | None, render_mode: str | None = None):
+    def thunk():
+        return MaMuJoCoTeamEnv(env_id, agent_obsk, render_mode)
+
+    return thunk
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Networks (HARL's architecture: input LayerNorm, then [Linear, ReLU, LayerNorm] per hidden layer)
+def layer_init(layer, std=2**0.5, bias_const=0.0):
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+def mlp(input_size: int, hidden_sizes: tuple[int, ...]) -> nn.Sequential:
+    layers, size = [nn.LayerNorm(input_size)], input_size
+    for hidden in hidden_sizes:
+        layers += [layer_init(nn.Linear(size, hidden)), nn.ReLU(), nn.LayerNorm(hidden)]
+        size = hidden
+    return nn.Sequential(*layers)
+
+
+class Actor(nn.Module):
+    """pi^i(a^i | o^i): categorical over Discrete actions, or Gaussian with a state-independent std for Box actions."""
+
+    def __init__(self, obs_size: int, action_space: gym.Space, hidden_sizes: tuple[int, ...]):
+        super().__init__()
+        self.trunk = mlp(obs_size, hidden_sizes)
+        self.continuous = isinstance(action_space, gym.spaces.Box)
+        num_outputs = action_space.shape[0] if self.continuous else action_space.n
+        self.head = layer_init(nn.Linear(hidden_sizes[-1], num_outputs), std=0.01)
+        if self.continuous:
+            # std = 0.5 * sigmoid(log_std) starts near 0.37 and never exceeds 0.5 (HARL)
+            self.log_std = nn.Parameter(torch.ones(num_outputs))
+
+    def forward(self, obs: torch.Tensor) -> tuple:
+        """The parameters u of pi^i(.|o^i): (logits,) for Discrete actions, (mean, std) for Box actions."""
+        out = self.head(self.trunk(obs))
+        return (out, 0.5 * torch.sigmoid(self.log_std)) if self.continuous else (out,)
+
+    def distribution_from(self, params: tuple):
+        # Independent: log-probs and entropies sum over action dimensions (ratio = product of per-dim ratios)
+        return Independent(Normal(*params), 1) if self.continuous else Categorical(logits=params[0])
+
+    def distribution(self, obs: torch.Tensor):
+        return self.distribution_from(self(obs))
+
+
+class Critic(nn.Module):
+    """V(s) on the global state, in the units of the value normaliser."""
+
+    def __init__(self, state_size: int, hidden_sizes: tuple[int, ...]):
+        super().__init__()
+        self.net = nn.Sequential(mlp(state_size, hidden_sizes), layer_init(nn.Linear(hidden_sizes[-1], 1), std=1.0))
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        return self.net(state).squeeze(-1)
+
+
+class ValueNorm(nn.Module):
+    """Running mean and variance of the value targets: debiased exponential averages, as HARL's ValueNorm."""
+
+    def __init__(self, beta: float = 0.99999, epsilon: float = 1e-5, var_min: float = 1e-2):
+        super().__init__()
+        self.beta, self.epsilon, self.var_min = beta, epsilon, var_min
+        self.register_buffer("running_mean", torch.zeros(()))
+        self.register_buffer("running_mean_sq", torch.zeros(()))
+        self.register_buffer("debiasing_term", torch.zeros(()))
+
+    def update(self, targets: torch.Tensor):
+        self.running_mean.mul_(self.beta).add_((1 - self.beta) * targets.mean())
+        self.running_mean_sq.mul_(self.beta).add_((1 - self.beta) * (targets**2).mean())
+        self.debiasing_term.mul_(self.beta).add_(1 - self.beta)
+
+    def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
+        debias = self.debiasing_term.clamp(min=self.epsilon)
+        mean = self.running_mean / debias
+        var = (self.running_mean_sq / debias - mean**2).clamp(min=self.var_min)
+        return mean, var.sqrt()
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self.mean_std()
+        return (x - mean) / std
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self.mean_std()
+        return x * std + mean
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Algorithm
+def compute_gae(rewards, values, next_values, terminations, dones, gamma: float, gae_lambda: float):
+    """Generalised advantage estimation over a (num_steps, num_envs) rollout.
+
+    next_values[t] is V(s_{t+1}) of the true next state, also when the episode ended at t (then it is the value of
+    the final state), so a truncated episode bootstraps from it; a termination zeroes it. dones = terminated or
+    truncated stops the recursion at the episode boundary. Returns the advantages and the returns (targets of V)."""
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = torch.zeros_like(rewards[0])
+    for t in reversed(range(rewards.shape[0])):
+        delta = rewards[t] + gamma * next_values[t] * (1.0 - terminations[t]) - values[t]
+        lastgaelam = delta + gamma * gae_lambda * (1.0 - dones[t]) * lastgaelam
+        advantages[t] = lastgaelam
+    return advantages, advantages + values
+
+
+def minibatches(rng: np.random.Generator, batch_size: int, num_minibatches: int) -> list[torch.Tensor]:
+    """A fresh random split of range(batch_size) into num_minibatches index tensors."""
+    return [torch.from_numpy(mb) for mb in np.split(rng.permutation(batch_size), num_minibatches)]
+
+
+def happo_update(
+    actor,
+    optimizer,
+    obs,
+    actions,
+    logp_old,
+    advantages,
+    factor,
+    clip_coef,
+    ent_coef,
+    epochs,
+    num_minibatches,
+    max_grad_norm,
+    rng,
+) -> dict:
+    """HAPPO update of one agent i_m: maximise E[M * min(r A, clip(r, 1 - eps, 1 + eps) A)] + entropy bonus, with
+    r = pi_new(a|o) / pi_old(a|o) and M the factor of the agents updated before it. Returns means over the update."""
+    totals = {"policy_loss": 0.0, "entropy": 0.0, "approx_kl": 0.0, "clipfrac": 0.0}
+    for _ in range(epochs):
+        for mb in minibatches(rng, len(advantages), num_minibatches):
+            dist = actor.distribution(obs[mb])
+            logratio = dist.log_prob(actions[mb]) - logp_old[mb]
+            ratio = logratio.exp()
+            surrogate = torch.min(ratio * advantages[mb], ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages[mb])
+            policy_loss = -(factor[mb] * surrogate).mean()
+            entropy = dist.entropy().mean()
+            optimizer.zero_grad()
+            (policy_loss - ent_coef * entropy).backward()
+            nn.utils.clip_grad_norm_(actor.parameters(), max_grad_norm)
+            optimizer.step()
+            with torch.no_grad():
+                totals["policy_loss"] += policy_loss.item()
+                totals["entropy"] += entropy.item()
+                totals["approx_kl"] += ((ratio - 1) - logratio).mean().item()  # http://joschu.net/blog/kl-approx.html
+                totals["clipfrac"] += ((ratio - 1.0).abs() > clip_coef).float().mean().item()
+    return {name: total / (epochs * num_minibatches) for name, total in totals.items()}
+
+
+def sequential_update(actors, obs, actions, logp_old, order, sequential: bool, update_agent: Callable) -> tuple:
+    """Update the agents one after another in `order`. Agent i_m is trained by update_agent(i_m, M) with the factor
+    M^{i_{1:m-1}} = prod_{j<m} pi_new^{i_j}(a^{i_j}|o^{i_j}) / pi_old^{i_j}(a^{i_j}|o^{i_j}) of the agents updated
+    before it (detached, not clipped); with sequential=False every agent gets M = 1.
+    Returns each agent's update statistics and the factor it was given."""
+    factor = torch.ones_like(logp_old[0])
+    stats, factors = {}, {}
+    for i in order:
+        factors[i] = factor
+        stats[i] = update_agent(i, factor)
+        if sequential:
+            with torch.no_grad():
+                logp_new = actors[i].distribution(obs[i]).log_prob(actions[i])
+            factor = factor * torch.exp(logp_new - logp_old[i])
+    return stats, factors
+
+
+def critic_update(
+    critic,
+    optimizer,
+    states,
+    targets,
+    old_values,
+    clip_coef: float,
+    huber_delta: float,
+    epochs: int,
+    num_minibatches: int,
+    max_grad_norm: float,
+    rng: np.random.Generator,
+) -> float:
+    """Fit V(s) to the normalised returns with the clipped Huber loss of HARL. Returns the mean loss."""
+    total = 0.0
+    for _ in range(epochs):
+        for mb in minibatches(rng, len(targets), num_minibatches):
+            values = critic(states[mb])
+            values_clipped = old_values[mb] + (values - old_values[mb]).clamp(-clip_coef, clip_coef)
+            loss_unclipped = F.huber_loss(values, targets[mb], reduction="none", delta=huber_delta)
+            loss_clipped = F.huber_loss(values_clipped, targets[mb], reduction="none", delta=huber_delta)
+            value_loss = torch.max(loss_unclipped, loss_clipped).mean()
+            optimizer.zero_grad()
+            value_loss.backward()
+            nn.utils.clip_grad_norm_(critic.parameters(), max_grad_norm)
+            optimizer.step()
+            total += value_loss.item()
+    return total / (epochs * num_minibatches)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints and evaluation
+ARCHITECTURE_ARGS = ("env_id", "agent_obsk", "hidden_sizes")
+
+
+def load_checkpoint(path: str, args: Args) -> dict:
+    """Load a checkpoint, failing with one line if it is unreadable or was made for another env or architecture."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        saved_args = checkpoint["args"]
+    except Exception as e:
+        fail(f"cannot read checkpoint {path!r}: {type(e).__name__}: {e}")
+    for name in ARCHITECTURE_ARGS:
+        if saved_args.get(name) != getattr(args, name):
+            fail(
+                f"checkpoint {path!r} was made with {name}={saved_args.get(name)!r}, these args have "
+                f"{name}={getattr(args, name)!r}; pass the same value"
+            )
+    return checkpoint
+
+
+def save_checkpoint(checkpoint: dict, path: str):
+    """Write atomically: a crash never leaves a half-written checkpoint."""
+    torch.save(checkpoint, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def env_action(action: torch.Tensor, space: gym.Space) -> np.ndarray:
+    """The action sent to the env: Gaussian samples are stored unclipped and clipped to the bounds only here."""
+    action = action.cpu().numpy()
+    return np.clip(action, space.low, space.high) if isinstance(space, gym.spaces.Box) else action
+
+
+def evaluate(actors, env: gym.Env, num_episodes: int, seed: int, device) -> np.ndarray:
+    """Team returns of num_episodes episodes with deterministic actions (argmax / Gaussian mean)."""
+    returns = []
+    obs, _ = env.reset(seed=seed)
+    while len(returns) < num_episodes:
+        episode_return, done = 0.0, False
+        while not done:
+            with torch.no_grad():
+                actions = tuple(
+                    env_action(actor.distribution(torch.as_tensor(obs[agent], device=device)).mode, space)
+                    for actor, agent, space in zip(actors, env.unwrapped.agents, env.action_space)
+                )
+            obs, reward, terminated, truncated, _ = env.step(actions)
+            episode_return += reward
+            done = terminated or truncated
+        returns.append(episode_return)
+        obs, _ = env.reset()
+    return np.array(returns)
+
+
+class NonFiniteError(Exception):
+    pass
+
+
+def check_finite(metrics: dict, networks: dict):
+    """Raise NonFiniteError naming the first NaN/inf metric or network parameter."""
+    for name, value in metrics.items():
+        if not math.isfinite(value):
+            raise NonFiniteError(f"{name} is {value}")
+    for name, network in networks.items():
+        for param_name, param in network.named_parameters():
+            if not torch.isfinite(param).all():
+                raise NonFiniteError(f"{name} parameter {param_name} is nan or inf")
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    args.batch_size = args.num_envs * args.num_steps
+    args.num_iterations = args.total_timesteps // max(args.batch_size, 1)
+    validate_args(args)
+    checkpoint_to_load = args.resume or args.eval_checkpoint
+    checkpoint = load_checkpoint(checkpoint_to_load, args) if checkpoint_to_load else None
+
+    # seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_num_threads(args.torch_threads)
+    torch.distributions.Distribution.set_default_validate_args(False)  # checks cost more than the tiny networks
+    rng = np.random.default_rng(args.seed)  # agent orders and minibatch shuffles
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    if args.resume:
+        run_dir = os.path.dirname(os.path.abspath(args.resume))
+    else:
+        run_dir = os.path.join("runs", f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    run_name = os.path.basename(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    checkpoint_path = os.path.join(run_dir, f"{args.exp_name}.pt")
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump({**vars(args), "command": " ".join(sys.argv)}, f, indent=2)
+
+    # env setup
+    def make_eval_env() -> gym.Env:
+        env = make_env(args.env_id, args.agent_obsk, "rgb_array" if args.capture_video else None)()
+        if args.capture_video:
+            env = gym.wrappers.RecordVideo(
+                env, os.path.join(run_dir, "videos"), episode_trigger=lambda e: e == 0, disable_logger=True
+            )
+        return env
+
+    envs = (gym.vector.AsyncVectorEnv if args.async_envs else gym.vector.SyncVectorEnv)(
+        [make_env(args.env_id, args.agent_obsk) for _ in range(args.num_envs)],
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+    )
+    agents = envs.get_attr("agents")[0]
+    num_agents = len(agents)
+    action_spaces = list(envs.single_action_space)
+    state_size = envs.single_observation_space["state"].shape[0]
+
+    actors = [
+        Actor(envs.single_observation_space[a].shape[0], space, args.hidden_sizes).to(device)
+        for a, space in zip(agents, action_spaces)
+    ]
+    critic = Critic(state_size, args.hidden_sizes).to(device)
+    value_norm = ValueNorm().to(device)
+    actor_optimizers = [torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=1e-5) for actor in actors]
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5)
+
+    def make_checkpoint() -> dict:
+        return {
+            "actors": [actor.state_dict() for actor in actors],
+            "actor_optimizers": [opt.state_dict() for opt in actor_optimizers],
+            "critic": critic.state_dict(),
+            "critic_optimizer": critic_optimizer.state_dict(),
+            "value_norm": value_norm.state_dict(),
+            "global_step": global_step,
+            "iteration": iteration,
+            "rng": rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "args": vars(args),
+        }
+
+    global_step, iteration = 0, 0
+    if checkpoint is not None:  # --resume or --eval-checkpoint
+        for actor, state in zip(actors, checkpoint["actors"]):
+            actor.load_state_dict(state)
+        global_step, iteration = checkpoint["global_step"], checkpoint["iteration"]
+    if args.resume:
+        for opt, state in zip(actor_optimizers, checkpoint["actor_optimizers"]):
+            opt.load_state_dict(state)
+        critic.load_state_dict(checkpoint["critic"])
+        critic_optimizer.load_state_dict(checkpoint["critic_optimizer"])
+        value_norm.load_state_dict(checkpoint["value_norm"])
+        rng.bit_generator.state = checkpoint["rng"]
+        torch.set_rng_state(checkpoint["torch_rng"])
+        print(f"resumed from {args.resume} at global_step={global_step}")
+
+    # metrics: metrics.jsonl always; W&B with --track. A resumed run drops lines written after its checkpoint.
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    if args.resume and os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            kept = [line for line in f if json.loads(line)["global_step"] <= global_step]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+    metrics_file = open(metrics_path, "a")
+    if args.track:
+        import wandb
+
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            config=vars(args),
+            name=run_name,
+            id=run_name,
+            resume="allow",
+            dir=run_dir,
+            save_code=True,
+        )
+
+    def log(metrics: dict):
+        metrics_file.write(json.dumps(metrics) + "\n")
+        metrics_file.flush()
+        if args.track:
+            wandb.log(metrics, step=metrics["global_step"])
+
+    def evaluate_and_log():
+        returns = evaluate(actors, make_eval_env(), args.eval_episodes, args.seed, device)
+        print(f"eval/episodic_return={returns.mean():.2f} +- {returns.std():.2f} over {len(returns)} episodes")
+        log(
+            {
+                "global_step": global_step,
+                "eval/episodic_return": returns.mean(),
+                "eval/episodic_return_std": returns.std(),
+            }
+        )
+
+    if args.eval_checkpoint:
+        evaluate_and_log()
+        sys.exit(0)
+
+    # Ctrl-C or SIGTERM: finish the iteration, save and stop; a second signal stops at once
+    stop_requested = []
+
+    def request_stop(signum, frame):
+        if stop_requested:
+            raise KeyboardInterrupt
+        stop_requested.append(signum)
+        print("stop requested: finishing this iteration (signal again to quit at once)", flush=True)
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+    # rollout storage: one tensor per agent (observation and action sizes may differ between agents)
+    T, E = args.num_steps, args.num_envs
+    obs = [torch.zeros((T, E) + envs.single_observation_space[a].shape, device=device) for a in agents]
+    actions = [
+        torch.zeros((T, E) + space.shape, device=device, dtype=torch.long if space.shape == () else torch.float)
+        for space in action_spaces
+    ]
+    logprobs = [torch.zeros((T, E), device=device) for _ in agents]
+    states = torch.zeros((T, E, state_size), device=device)
+    # values and next_values are the critic's outputs, in the value normaliser's units
+    rewards, values, next_values, terminations, dones = (torch.zeros((T, E), device=device) for _ in range(5))
+
+    # start the game; env i is seeded with seed + global_step + i, so a resumed run does not replay its first episodes
+    next_obs, _ = envs.reset(seed=args.seed + global_step)
+    episode_returns, episode_lengths = np.zeros(E), np.zeros(E, dtype=int)
+    last_good_checkpoint = copy.deepcopy(make_checkpoint()) if args.save_model else None
+    start_time, start_step = time.time(), global_step
+    try:
+        while iteration < args.num_iterations and not stop_requested:
+            iteration += 1
+            if args.anneal_lr:
+                frac = 1.0 - (iteration - 1.0) / args.num_iterations
+                for opt in actor_optimizers:
+                    opt.param_groups[0]["lr"] = frac * args.learning_rate
+                critic_optimizer.param_groups[0]["lr"] = frac * args.critic_learning_rate
+
+            # rollout
+            finished_returns, finished_lengths = [], []
+            with torch.no_grad():
+                next_state = torch.as_tensor(next_obs["state"], device=device)
+                next_value = critic(next_state)
+                for step in range(T):
+                    global_step += E
+                    states[step] = next_state
+                    values[step] = next_value
+                    env_actions = []
+                    for i, agent in enumerate(agents):
+                        obs[i][step] = torch.as_tensor(next_obs[agent], device=device)
+                        dist = actors[i].distribution(obs[i][step])
+                        actions[i][step] = dist.sample()
+                        logprobs[i][step] = dist.log_prob(actions[i][step])
+                        env_actions.append(env_action(actions[i][step], action_spaces[i]))
+
+                    next_obs, reward, terminated, truncated, infos = envs.step(tuple(env_actions))
+                    done = terminated | truncated
+                    rewards[step] = torch.as_tensor(reward, device=device)
+                    terminations[step] = torch.as_tensor(terminated, device=device)
+                    dones[step] = torch.as_tensor(done, device=device)
+                    next_state = torch.as_tensor(next_obs["state"], device=device)
+                    next_value = critic(next_state)
+                    # V(s_{t+1}) of the true next state: where an episode ended, its final state, not the reset one
+                    next_values[step] = next_value
+                    if done.any():
+                        ended = np.flatnonzero(done)
+                        final_states = np.stack([infos["final_obs"][j]["state"] for j in ended])
+                        next_values[step, ended] = critic(torch.as_tensor(final_states, device=device))
+
+                    episode_returns += reward
+                    episode_lengths += 1
+                    finished_returns += list(episode_returns[done])
+                    finished_lengths += list(episode_lengths[done])
+                    episode_returns[done], episode_lengths[done] = 0.0, 0
+
+                # advantages from the de-normalised values of the centralised critic
+                values_denormalized = value_norm.denormalize(values)
+                advantages, returns = compute_gae(
+                    rewards,
+                    values_denormalized,
+                    value_norm.denormalize(next_values),
+                    terminations,
+                    dones,
+                    args.gamma,
+                    args.gae_lambda,
+                )
+
+            # flatten the batch
+            b_obs = [o.reshape((-1,) + o.shape[2:]) for o in obs]
+            b_actions = [a.reshape((-1,) + a.shape[2:]) for a in actions]
+            b_logprobs = [lp.reshape(-1) for lp in logprobs]
+            b_advantages = advantages.reshape(-1)
+            b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std() + 1e-5)
+
+            # sequential per-agent update in a fresh random order
+            order = list(range(num_agents)) if args.fixed_order else list(rng.permutation(num_agents))
+            agent_stats, _ = sequential_update(
+                actors,
+                b_obs,
+                b_actions,
+                b_logprobs,
+                order,
+                args.sequential,
+                lambda i, factor: happo_update(
+                    actors[i],
+                    actor_optimizers[i],
+                    b_obs[i],
+                    b_actions[i],
+                    b_logprobs[i],
+                    b_advantages,
+                    factor,
+                    args.clip_coef,
+                    args.ent_coef,
+                    args.ppo_epochs,
+                    args.num_minibatches,
+                    args.max_grad_norm,
+                    rng,
+                ),
+            )
+
+            # critic: normalise the targets with statistics that include this batch, then fit V(s)
+            b_returns = returns.reshape(-1)
+            value_norm.update(b_returns)
+            value_loss = critic_update(
+                critic,
+                critic_optimizer,
+                states.reshape(-1, state_size),
+                value_norm.normalize(b_returns),
+                values.reshape(-1),
+                args.clip_coef,
+                args.huber_delta,
+                args.critic_epochs,
+                args.num_minibatches,
+                args.max_grad_norm,
+                rng,
+            )
+
+            # logging
+            sps = int((global_step - start_step) / (time.time() - start_time))
+            metrics = {
+                "global_step": global_step,
+                "charts/SPS": sps,
+                "charts/learning_rate": actor_optimizers[0].param_groups[0]["lr"],
+                "losses/value_loss": value_loss,
+            }
+            var_returns = b_returns.var().item()
+            if var_returns > 0:
+                residual_var = (b_returns - values_denormalized.reshape(-1)).var().item()
+                metrics["losses/explained_variance"] = 1 - residual_var / var_returns
+            if finished_returns:
+                metrics["charts/episodic_return"] = float(np.mean(finished_returns))
+                metrics["charts/episodic_length"] = float(np.mean(finished_lengths))
+            for i in range(num_agents):
+                metrics.update({f"agent{i}/{name}": value for name, value in agent_stats[i].items()})
+            check_finite(metrics, {**{f"agent{i}": actor for i, actor in enumerate(actors)}, "critic": critic})
+            log(metrics)
+            episodic_return = metrics.get("charts/episodic_return", float("nan"))
+            print(f"global_step={global_step}, episodic_return={episodic_return:.2f}, SPS={sps}")
+
+            if args.save_model:
+                last_good_checkpoint = copy.deepcopy(make_checkpoint())
+                if iteration % args.save_interval == 0 or iteration == args.num_iterations or stop_requested:
+                    save_checkpoint(last_good_checkpoint, checkpoint_path)
+    except NonFiniteError as e:
+        if args.save_model:
+            save_checkpoint(last_good_checkpoint, checkpoint_path)
+        saved = f" (last good checkpoint: {checkpoint_path})" if args.save_model else ""
+        print(f"error: {e} at global_step={global_step}; stopping{saved}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(
+            f"error: interrupted at global_step={global_step}; nothing saved since the last checkpoint", file=sys.stderr
+        )
+        sys.exit(130)
+    envs.close()
+
+    if args.save_model and not stop_requested:
+        print(f"model saved to {checkpoint_path}")
+        evaluate_and_log()
+    metrics_file.close()
+    if args.track:
+        wandb.finish()
+    if stop_requested:
+        resume_hint = f"; resume with --resume {checkpoint_path}" if args.save_model else ""
+        print(f"stopped at global_step={global_step}{resume_hint}")
+        sys.exit(128 + stop_requested[0])
