@@ -1,0 +1,146 @@
+"""The MaMuJoCo adapter against mamujoco_v1 itself (joint mapping, observations, rewards, episode ends), termination
+and truncation on real episodes, and every MaMuJoCo script end to end on several scenarios."""
+
+import contextlib
+import io
+import json
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from helpers import MAMUJOCO_SCRIPTS, TINY, load_script, read_metrics, run_dirs, run_ok
+from test_end_to_end import expected_metrics
+
+with contextlib.redirect_stderr(io.StringIO()):  # gymnasium_robotics prints a notice on import
+    from gymnasium_robotics import mamujoco_v1
+
+mamujoco = load_script(MAMUJOCO_SCRIPTS[0])  # the env code is the same text in every MaMuJoCo script (test_shared_code)
+
+# every id the scripts accept, with the "NxK" of the ManySegment robots made concrete
+ENV_IDS = [env_id.replace("NxK", "3x2") for env_id in mamujoco.ENV_IDS]
+
+
+def reference_env(env_id: str, agent_obsk: int = 1):
+    """mamujoco_v1's own parallel env, built independently of the adapter."""
+    scenario, _, partition = env_id.rpartition("-")
+    return mamujoco_v1.parallel_env(scenario, partition, agent_obsk=agent_obsk)
+
+
+def standardize(x) -> np.ndarray:
+    return (x - np.mean(x)) / (np.std(x) + 1e-8)
+
+
+def random_actions(env, rng) -> tuple:
+    return tuple(rng.uniform(space.low, space.high).astype(np.float32) for space in env.action_space)
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_agent_actions_reach_the_joints_mamujoco_v1_assigns(env_id):
+    ours, reference = mamujoco.MaMuJoCoTeamEnv(env_id, None), reference_env(env_id)
+    assert ours.agents == reference.possible_agents
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        actions = random_actions(ours, rng)
+        expected = reference.map_local_actions_to_global_action(dict(zip(reference.possible_agents, actions)))
+        np.testing.assert_array_equal(ours.robot_action(actions), expected)
+    # every joint of the robot is driven by exactly one agent
+    joints = np.sort(np.concatenate(ours.joints))
+    np.testing.assert_array_equal(joints, np.arange(ours.robot.action_space.shape[0]))
+
+
+@pytest.mark.parametrize("env_id", ["HalfCheetah-2x3", "Hopper-3x1", "Ant-2x4", "Humanoid-9|8"])
+def test_full_state_mode_matches_mamujoco_v1_step_by_step(env_id):
+    """The default mode steps the MuJoCo env directly: states, observations, rewards and episode ends must be those of
+    mamujoco_v1, with every agent seeing the standardised full state and its one-hot id."""
+    ours, reference = mamujoco.MaMuJoCoTeamEnv(env_id, None), reference_env(env_id)
+    agents = reference.possible_agents
+    obs, _ = ours.reset(seed=5)
+    reference.reset(seed=5)
+    rng = np.random.default_rng(1)
+    for _ in range(60):
+        state = reference.state()
+        np.testing.assert_allclose(obs["state"], standardize(state), rtol=1e-5, atol=1e-5)
+        for i, agent in enumerate(agents):
+            expected = standardize(np.concatenate([state, np.eye(len(agents))[i]]))
+            np.testing.assert_allclose(obs[agent], expected, rtol=1e-5, atol=1e-5)
+        actions = random_actions(ours, rng)
+        obs, reward, terminated, truncated, _ = ours.step(actions)
+        _, rewards, terminations, truncations, _ = reference.step(dict(zip(agents, actions)))
+        assert reward == rewards[agents[0]]
+        assert (terminated, truncated) == (terminations[agents[0]], truncations[agents[0]])
+        if terminated or truncated:
+            break
+
+
+@pytest.mark.parametrize(("env_id", "obs_sizes"), [("HalfCheetah-6x1", [9, 9, 8, 9, 9, 8]), ("Humanoid-9|8", None)])
+def test_local_observations_are_mamujoco_v1s_with_their_own_sizes(env_id, obs_sizes):
+    ours, reference = mamujoco.MaMuJoCoTeamEnv(env_id, 1), reference_env(env_id, 1)
+    agents = reference.possible_agents
+    sizes = [ours.observation_space[a].shape[0] for a in agents]
+    assert sizes == [reference.observation_space(a).shape[0] for a in agents]
+    assert obs_sizes is None or sizes == obs_sizes
+    assert len(set(sizes)) > 1  # heterogeneous agents, nothing padded
+    obs, _ = ours.reset(seed=3)
+    reference_obs, _ = reference.reset(seed=3)
+    rng = np.random.default_rng(2)
+    for _ in range(10):
+        for agent in agents:
+            np.testing.assert_allclose(obs[agent], standardize(reference_obs[agent]), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(obs["state"], standardize(reference.state()), rtol=1e-5, atol=1e-5)
+        actions = random_actions(ours, rng)
+        obs, *_ = ours.step(actions)
+        reference_obs, *_ = reference.step(dict(zip(agents, actions)))
+
+
+def test_humanoid_agents_have_9_and_8_joints():
+    env = mamujoco.MaMuJoCoTeamEnv("Humanoid-9|8", None)
+    assert [space.shape for space in env.action_space] == [(9,), (8,)]
+    assert env.observation_space["state"].shape == (348,)  # Humanoid-v5
+
+
+def run_episode(env_id: str, action_value: float) -> tuple:
+    """Step one vectorised env (same-step autoreset, as the scripts do) with a constant action until its episode ends:
+    the number of steps, terminated, truncated, and whether the true final state came back in the infos."""
+    envs = gym.vector.SyncVectorEnv(
+        [mamujoco.make_env(env_id, None)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+    )
+    envs.reset(seed=0)
+    action = tuple(np.full((1,) + space.shape, action_value, np.float32) for space in envs.single_action_space)
+    for step in range(1, 1001):
+        next_obs, _, terminated, truncated, infos = envs.step(action)
+        if terminated[0] or truncated[0]:
+            final_state = infos["final_obs"][0]["state"]
+            return step, terminated[0], truncated[0], not np.allclose(final_state, next_obs["state"][0])
+    return step, False, False, False
+
+
+def test_a_falling_hopper_terminates_and_a_cheetah_is_truncated_at_1000_steps():
+    steps, terminated, truncated, final_state_kept = run_episode("Hopper-3x1", 1.0)  # full torque: it falls over
+    assert steps < 1000 and terminated and not truncated and final_state_kept
+    steps, terminated, truncated, final_state_kept = run_episode("HalfCheetah-2x3", 0.0)  # a cheetah cannot fall
+    assert steps == 1000 and truncated and not terminated and final_state_kept
+
+
+SCENARIOS = [
+    ["--env-id", "HalfCheetah-2x3"],
+    ["--env-id", "HalfCheetah-6x1", "--agent-obsk", "1"],  # heterogeneous local observations
+    ["--env-id", "Humanoid-9|8"],  # heterogeneous action sizes
+    ["--env-id", "Ant-4x2", "--agent-obsk", "0"],
+]
+NUM_AGENTS = {"HalfCheetah-2x3": 2, "HalfCheetah-6x1": 6, "Humanoid-9|8": 2, "Ant-4x2": 4}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda flags: " ".join(flags[1:]))
+@pytest.mark.parametrize("script", MAMUJOCO_SCRIPTS)
+def test_scenario_runs_two_iterations(script, scenario, tmp_path):
+    run_ok(script, *scenario, *TINY, cwd=tmp_path)
+    (run_dir,) = run_dirs(tmp_path)
+    metrics = read_metrics(run_dir)
+    assert [m["global_step"] for m in metrics] == [50, 100]
+    episodic = {"charts/episodic_return", "charts/episodic_length"}  # only once an episode has ended
+    for line in metrics:
+        assert set(line) | episodic == expected_metrics(script, NUM_AGENTS[scenario[1]])
+        assert all(math.isfinite(value) for value in line.values())
+    args = json.loads((run_dir / "args.json").read_text())
+    assert args["env_id"] == scenario[1] and args["agent_obsk"] == (int(scenario[3]) if len(scenario) > 2 else None)
