@@ -41,7 +41,23 @@ PARTITIONS = {
     "ManySegmentSwimmer": ("NxK",),
     "ManySegmentAnt": ("NxK",),
 }
+# Partitions the papers used that mamujoco_v1 lacks, built from its own joints and edges through its agent_factorization
+# argument: each agent's joints (mamujoco_v1's labels), agents separated by "|", in agent order
+HUMANOID_17X1 = (
+    "left_shoulder1 | left_shoulder2 | abdomen_x | abdomen_y | abdomen_z | right_shoulder1 | right_shoulder2 | "
+    "right_elbow | left_elbow | left_hip_x | left_hip_y | left_hip_z | right_hip_x | right_hip_y | right_hip_z | "
+    "right_knee | left_knee"
+)
+FACTORIZATIONS = {
+    "Ant-8x1": "hip1 | ankle1 | hip2 | ankle2 | hip3 | ankle3 | hip4 | ankle4",
+    "HalfCheetah-3x2": "bfoot bshin | bthigh ffoot | fshin fthigh",
+    "Walker2d-3x2": "foot_joint leg_joint | thigh_joint foot_left_joint | leg_left_joint thigh_left_joint",
+    "Walker2d-6x1": "foot_joint | leg_joint | thigh_joint | foot_left_joint | leg_left_joint | thigh_left_joint",
+    "Humanoid-17x1": HUMANOID_17X1,
+    "HumanoidStandup-17x1": HUMANOID_17X1,
+}
 ENV_IDS = tuple(f"{scenario}-{partition}" for scenario, partitions in PARTITIONS.items() for partition in partitions)
+ENV_IDS += tuple(FACTORIZATIONS)
 
 
 @dataclass
@@ -77,7 +93,10 @@ class Args:
 
     # Environment
     env_id: str = "HalfCheetah-2x3"
-    """Scenario-Partition of mamujoco_v1, e.g. HalfCheetah-2x3, Ant-2x4, HalfCheetah-6x1, Walker2d-2x3, Humanoid-9|8"""
+    """Scenario-Partition: Ant-2x4, Ant-2x4d, Ant-4x2, Ant-8x1, HalfCheetah-2x3, HalfCheetah-3x2, HalfCheetah-6x1,
+    Hopper-3x1, Humanoid-9|8, Humanoid-17x1, HumanoidStandup-9|8, HumanoidStandup-17x1, Pusher-3p, Reacher-2x1,
+    Swimmer-2x1, Walker2d-2x3, Walker2d-3x2, Walker2d-6x1, ManySegmentSwimmer-NxK, ManySegmentAnt-NxK (N agents of K
+    segments)"""
     agent_obsk: int | None = None
     """None: every agent observes the full state and its one-hot id (the papers); K: mamujoco_v1's local observations
     of the joints within K hops"""
@@ -157,7 +176,11 @@ ARG_RANGES = (
 def validate_args(args: Args):
     scenario, _, partition = args.env_id.rpartition("-")
     partitions = PARTITIONS.get(scenario, ())
-    if not (partition in partitions or (partitions == ("NxK",) and re.fullmatch(r"[1-9]\d*x[1-9]\d*", partition))):
+    if not (
+        partition in partitions
+        or args.env_id in FACTORIZATIONS
+        or (partitions == ("NxK",) and re.fullmatch(r"[1-9]\d*x[1-9]\d*", partition))
+    ):
         fail(f"unknown --env-id {args.env_id!r} (Scenario-Partition); valid ids: {', '.join(ENV_IDS)}")
     if args.agent_obsk is not None and args.agent_obsk < 0:
         fail(f"--agent-obsk must be >= 0 (joints within K hops) or None (the full state), got {args.agent_obsk}")
@@ -182,6 +205,18 @@ def validate_args(args: Args):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Environment: one mamujoco_v1 parallel env as a gymnasium.Env, so gymnasium.vector can batch it
+def agent_factorization(env_id: str) -> dict | None:
+    """mamujoco_v1's agent_factorization for an id of FACTORIZATIONS (its own joint nodes, edges and global nodes for
+    the scenario, grouped into agents by the table); None for the partitions mamujoco_v1 defines itself."""
+    if env_id not in FACTORIZATIONS:
+        return None
+    scenario = env_id.rpartition("-")[0]
+    parts, edges, global_nodes = mamujoco_v1.get_parts_and_edges(scenario, PARTITIONS[scenario][0])
+    joints = {node.label: node for part in parts for node in part}
+    agents = [tuple(joints[label] for label in agent.split()) for agent in FACTORIZATIONS[env_id].split("|")]
+    return {"partition": agents, "edges": edges, "globals": global_nodes}
+
+
 def standardize(x: np.ndarray) -> np.ndarray:
     """A vector minus its mean, over its standard deviation, across its own features (HARL's MaMuJoCo inputs)."""
     return ((x - x.mean()) / (x.std() + 1e-8)).astype(np.float32)
@@ -201,7 +236,11 @@ class MaMuJoCoTeamEnv(gym.Env):
         if render_mode is not None:
             os.environ.setdefault("MUJOCO_GL", "egl")  # render without a display, unless MUJOCO_GL says otherwise
         self.ma_env = mamujoco_v1.parallel_env(
-            scenario, partition, agent_obsk=1 if agent_obsk is None else agent_obsk, render_mode=render_mode
+            scenario,
+            partition,
+            agent_obsk=1 if agent_obsk is None else agent_obsk,
+            agent_factorization=agent_factorization(env_id),
+            render_mode=render_mode,
         )
         self.robot = self.ma_env.single_agent_env  # MuJoCo v5 env with its 1000-step time limit
         self.agent_obsk, self.agents, self.render_mode = agent_obsk, self.ma_env.possible_agents, render_mode
