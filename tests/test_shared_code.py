@@ -201,6 +201,21 @@ def happo_update_outputs(m) -> tuple:
     return stats, actor.state_dict()
 
 
+def agent_factorization_outputs(m) -> list:
+    """Each agent's joints, the edges and the global nodes, as labels (edges as sorted label pairs)."""
+    results = [m.agent_factorization("HalfCheetah-2x3")]  # None: a partition mamujoco_v1 defines
+    for env_id in ("Walker2d-3x2", "Humanoid-17x1"):
+        factorization = m.agent_factorization(env_id)
+        results.append(
+            (
+                [[node.label for node in agent] for agent in factorization["partition"]],
+                sorted(sorted(node.label for node in edge.nodes) for edge in factorization["edges"]),
+                [node.label for node in factorization["globals"]],
+            )
+        )
+    return results
+
+
 def make_env_outputs(m) -> list:
     if family(m.__name__ + ".py") == "mpe":
         return rollout(m.make_env("simple_spread_v3", False, 25)(), SPREAD_ACTIONS)
@@ -225,6 +240,7 @@ BEHAVIOUR = {
         rollout(m.MaMuJoCoTeamEnv("Hopper-3x1", None), HOPPER_ACTIONS),
     ],
     "standardize": lambda m, tmp_path: m.standardize(np.array([1.0, -2.0, 4.0, 0.5])),
+    "agent_factorization": lambda m, tmp_path: agent_factorization_outputs(m),
     "layer_init": lambda m, tmp_path: seeded(lambda: m.layer_init(nn.Linear(3, 4), std=0.5)).state_dict(),
     "mlp": lambda m, tmp_path: seeded(lambda: m.mlp(5, (8, 8)))(x(3, 5)),
     "Actor": lambda m, tmp_path: actor_outputs(m),
