@@ -558,12 +558,15 @@ ARCHITECTURE_ARGS = ("env_id", "agent_obsk", "hidden_sizes")
 
 
 def load_checkpoint(path: str, args: Args) -> dict:
-    """Load a checkpoint, failing with one line if it is unreadable or was made for another env or architecture."""
+    """Load a checkpoint, failing with one line if it is unreadable or made by another script, env or architecture."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         saved_args = checkpoint["args"]
     except Exception as e:
         fail(f"cannot read checkpoint {path!r}: {type(e).__name__}: {e}")
+    if set(saved_args) != set(vars(args)):  # e.g. a HATRPO checkpoint given to HAPPO
+        differing = ", ".join(sorted(set(saved_args) ^ set(vars(args))))
+        fail(f"checkpoint {path!r} was made by another script (arguments {differing} differ); use that script")
     for name in ARCHITECTURE_ARGS:
         if saved_args.get(name) != getattr(args, name):
             fail(

@@ -228,6 +228,18 @@ def test_non_finite_update_stops_and_keeps_the_last_good_checkpoint(script, flag
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+def test_checkpoint_of_another_script_is_refused(script, tmp_path):
+    """A HATRPO checkpoint given to HAPPO (and the reverse): one line naming the arguments that differ, exit code 2."""
+    other = next(s for s in SCRIPTS if s != script and family(s) == family(script))
+    run_ok(other, *task(other), *TINY, "--save-model", "--eval-episodes", "1", cwd=tmp_path)
+    (checkpoint_path,) = tmp_path.glob("runs/*/*.pt")
+    result = run_script(script, *task(script), *tiny(200), "--resume", str(checkpoint_path), cwd=tmp_path)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "another script" in line and str(checkpoint_path.name) in line, line
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_import_has_no_side_effects(script, tmp_path):
     code = f"import {script[:-3]}"
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
