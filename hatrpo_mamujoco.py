@@ -176,11 +176,11 @@ ARG_RANGES = (
 def validate_args(args: Args):
     scenario, _, partition = args.env_id.rpartition("-")
     partitions = PARTITIONS.get(scenario, ())
-    if not (
-        partition in partitions
-        or args.env_id in FACTORIZATIONS
-        or (partitions == ("NxK",) and re.fullmatch(r"[1-9]\d*x[1-9]\d*", partition))
-    ):
+    if partitions == ("NxK",):  # any N agents of K segments
+        known = re.fullmatch(r"[1-9]\d*x[1-9]\d*", partition) is not None
+    else:
+        known = partition in partitions or args.env_id in FACTORIZATIONS
+    if not known:
         fail(f"unknown --env-id {args.env_id!r} (Scenario-Partition); valid ids: {', '.join(ENV_IDS)}")
     if args.agent_obsk is not None and args.agent_obsk < 0:
         fail(f"--agent-obsk must be >= 0 (joints within K hops) or None (the full state), got {args.agent_obsk}")

@@ -56,7 +56,8 @@ FAMILIES = {
         "task": ["--env-id", "Hopper-3x1"],  # a random Hopper falls over in about 20-40 steps
         "other_task": ("Hopper-3x1", ["--env-id", "Walker2d-2x3"]),
         "bad_env_ids": [(env_id, [repr(env_id), "HalfCheetah-2x3", "Ant-2x4", "Humanoid-9|8", "ManySegmentAnt-NxK"])
-                        for env_id in ["Foo-2x3", "HalfCheetah-5x5", "ManySegmentAnt-0x3", "HalfCheetah2x3"]],
+                        for env_id in ["Foo-2x3", "HalfCheetah-5x5", "ManySegmentAnt-0x3", "ManySegmentAnt-NxK",
+                                       "HalfCheetah2x3"]],
     },
 }  # fmt: skip
 
