@@ -1,0 +1,879 @@
+# MATRPO: decentralised TRPO by asynchronous ADMM (Li & He 2020, https://arxiv.org/abs/2010.07916); README.md#matrpo_admmpy
+import copy
+import importlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+import tyro
+from torch import nn
+from torch.distributions import Categorical, Independent, kl_divergence
+from torch.func import functional_call, jvp, vjp
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+MODES = ("admm", "independent", "centralized")
+EDGE_ORDERS = ("random", "round-robin")
+X_UPDATES = ("linearized", "prox")
+ADVANTAGE_NORMS = ("pooled", "local")
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = False
+    """if toggled, use CUDA when available (these small networks usually run faster on the CPU)"""
+    torch_threads: int = 1
+    """torch.set_num_threads; one per run leaves the other cores to parallel runs (results depend on it)"""
+    track: bool = False
+    """if toggled, log to Weights and Biases (respects WANDB_MODE, e.g. WANDB_MODE=offline)"""
+    wandb_project_name: str = "marl-trust-region"
+    """the wandb project name"""
+    wandb_entity: str | None = None
+    """the entity (team) of the wandb project"""
+    capture_video: bool = False
+    """if toggled, evaluation writes a video of its first episode to runs/{run_name}/videos"""
+    save_model: bool = False
+    """if toggled, save a checkpoint every `save_interval` iterations, at the end and on Ctrl-C, then evaluate"""
+    save_interval: int = 50
+    """iterations between two checkpoints"""
+    resume: str | None = None
+    """path of a checkpoint to continue training from (same task, mode and architecture)"""
+    eval_checkpoint: str | None = None
+    """path of a checkpoint to evaluate with deterministic actions; no training"""
+    eval_episodes: int = 10
+    """episodes per evaluation"""
+
+    # Environment: the paper's Cooperative Navigation with private rewards
+    num_agents: int = 3
+    """the number of agents (and landmarks) of simple_spread; the agents talk on a ring"""
+    max_cycles: int = 100
+    """steps per episode (a time-limit truncation)"""
+    total_timesteps: int = 5_000_000
+    """total environment steps (one per env per vector step, all agents acting at once)"""
+    num_envs: int = 10
+    """the number of parallel environments"""
+    num_steps: int = 1000
+    """the number of steps per environment per rollout"""
+
+    # Algorithm
+    mode: str = "admm"
+    """admm (MATRPO), independent (each agent TRPO on its own reward and action) or centralized (one TRPO policy)"""
+    kl_threshold: float = 0.003
+    """delta: the bound on each agent's mean KL(pi_old || pi_new) per policy iteration"""
+    admm_rho: float = 1.0
+    """rho: the penalty of the augmented Lagrangian"""
+    admm_iters: int = 100
+    """edge activations per policy iteration"""
+    edge_order: str = "random"
+    """which edge each ADMM iteration activates: random (uniformly) or round-robin"""
+    x_update: str = "linearized"
+    """the ADMM policy step: linearized (the authors' code, a TRPO step on the local augmented Lagrangian) or prox"""
+    advantage_norm: str = "pooled"
+    """pooled: one mean and std over all agents' advantages (the authors' code); local: each agent its own"""
+    gamma: float = 0.995
+    """the discount factor gamma"""
+    gae_lambda: float = 0.95
+    """the lambda of generalised advantage estimation"""
+    hidden_sizes: tuple[int, ...] = (128, 128)
+    """hidden layer sizes of the policies and the critics (SELU)"""
+    ls_steps: int = 10
+    """the number of step fractions the backtracking line search tries"""
+    backtrack_coef: float = 0.5
+    """the line search tries the fractions backtrack_coef**j, j = 0 .. ls_steps - 1"""
+    cg_iters: int = 10
+    """conjugate gradient iterations solving (F + damping I) s = b"""
+    cg_damping: float = 0.01
+    """the damping added to the Fisher matrix F"""
+    fisher_subsample: int = 5
+    """the Fisher-vector products use every fisher_subsample-th sample of the batch (the authors' code: 5)"""
+    critic_learning_rate: float = 3e-4
+    """Adam learning rate of the critics"""
+    critic_epochs: int = 3
+    """epochs of the critic update"""
+    critic_minibatch_size: int = 64
+    """samples per critic minibatch (a final partial minibatch is dropped; shuffled every epoch)"""
+
+    # Computed at run time (not command-line options)
+    batch_size: tyro.conf.Suppress[int] = 0
+    """samples per agent per iteration (num_envs * num_steps)"""
+    num_iterations: tyro.conf.Suppress[int] = 0
+    """the number of iterations (total_timesteps // batch_size)"""
+
+
+def fail(message: str):
+    """A user's mistake: one line on stderr, exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# The range of each numeric field: (fields, test, what the error message says)
+ARG_RANGES = (
+    (
+        "num_envs num_steps total_timesteps critic_epochs critic_minibatch_size max_cycles save_interval "
+        "eval_episodes torch_threads critic_learning_rate kl_threshold admm_rho admm_iters ls_steps cg_iters "
+        "fisher_subsample",
+        lambda x: x > 0,
+        "positive",
+    ),
+    ("num_agents", lambda x: x >= 2, ">= 2"),
+    ("gamma gae_lambda backtrack_coef", lambda x: 0 < x <= 1, "in (0, 1]"),
+    ("cg_damping", lambda x: x >= 0, ">= 0"),
+)
+CHOICES = {"mode": MODES, "edge_order": EDGE_ORDERS, "x_update": X_UPDATES, "advantage_norm": ADVANTAGE_NORMS}
+
+
+def validate_args(args: Args):
+    for name, choices in CHOICES.items():
+        if getattr(args, name) not in choices:
+            fail(f"unknown --{name.replace('_', '-')} {getattr(args, name)!r}; valid choices: {', '.join(choices)}")
+    if not args.exp_name or os.sep in args.exp_name:
+        fail(f"--exp-name {args.exp_name!r} must be a non-empty name without {os.sep!r} (it names files)")
+    for names, in_range, expected in ARG_RANGES:
+        for name in names.split():
+            if not in_range(getattr(args, name)):
+                fail(f"--{name.replace('_', '-')} must be {expected}, got {getattr(args, name)}")
+    if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
+        fail(f"--hidden-sizes must be one or more positive sizes, got {args.hidden_sizes}")
+    if args.critic_minibatch_size > args.batch_size:
+        fail(f"--critic-minibatch-size {args.critic_minibatch_size} is larger than one batch of {args.batch_size}")
+    if args.total_timesteps < args.batch_size:
+        fail(f"--total-timesteps {args.total_timesteps} is smaller than one batch of {args.batch_size} steps")
+    if args.resume and args.eval_checkpoint:
+        fail("give either --resume or --eval-checkpoint, not both")
+    for path in (args.resume, args.eval_checkpoint):
+        if path is not None and not os.path.isfile(path):
+            fail(f"checkpoint {path!r} does not exist")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Environment: the paper's Cooperative Navigation with private rewards
+class MPEPrivateEnv(gym.Env):
+    """mpe2's simple_spread with private rewards, as a gymnasium.Env: observation Dict of the global state and each
+    agent's observation (the always-zero communication part dropped); action Tuple of Discrete(5); reward the team
+    reward (sum of the private ones), the private rewards r^i in info["private_rewards"].
+
+    With local_ratio=1 mpe2 gives each agent only its own collision penalty; the landmark term (minus the sum over
+    landmarks of the closest agent's distance) goes to agent 0 alone, so the others never see it in their reward."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
+
+    def __init__(self, num_agents: int, max_cycles: int, render_mode: str | None = None):
+        module = importlib.import_module("mpe2.simple_spread_v3")
+        self.mpe_env = module.raw_env(N=num_agents, local_ratio=1.0, max_cycles=max_cycles, render_mode=render_mode)
+        self.agents = self.mpe_env.possible_agents
+        self.render_mode = render_mode
+        # observation: velocity 2, position 2, landmarks 2N, other agents 2(N-1), then communication 2(N-1)
+        self.obs_size = 4 + 2 * num_agents + 2 * (num_agents - 1)
+        box = gym.spaces.Box(-np.inf, np.inf, (self.obs_size,), np.float32)
+        state = gym.spaces.Box(-np.inf, np.inf, (num_agents * self.obs_size,), np.float32)
+        self.observation_space = gym.spaces.Dict({"state": state, **{a: box for a in self.agents}})
+        self.action_space = gym.spaces.Tuple([self.mpe_env.action_space(a) for a in self.agents])
+
+    def _observe(self) -> dict:
+        obs = {a: self.mpe_env.observe(a)[: self.obs_size] for a in self.agents}
+        return {"state": np.concatenate([obs[a] for a in self.agents]), **obs}
+
+    def reset(self, seed=None, options=None):
+        self.mpe_env.reset(seed=seed)
+        return self._observe(), {"private_rewards": np.zeros(len(self.agents))}
+
+    def step(self, action):
+        for agent_action in action:  # agents act in turn; the world steps after the last one
+            self.mpe_env.step(agent_action)
+        private = np.array([self.mpe_env.rewards[a] for a in self.agents])  # own collision penalties
+        private[0] += self.mpe_env.scenario.global_reward(self.mpe_env.world)  # the landmark term, agent 0 only
+        terminated = any(self.mpe_env.terminations.values())
+        truncated = any(self.mpe_env.truncations.values()) and not terminated
+        return self._observe(), float(private.sum()), terminated, truncated, {"private_rewards": private}
+
+    def render(self):
+        return self.mpe_env.render()
+
+    def close(self):
+        self.mpe_env.close()
+
+
+def make_env(num_agents: int, max_cycles: int, render_mode: str | None = None):
+    def thunk():
+        return MPEPrivateEnv(num_agents, max_cycles, render_mode)
+
+    return thunk
+
+
+def ring_edges(num_agents: int) -> list[tuple[int, int]]:
+    """The communication graph 0-1-...-(n-1)-0. Edge e = (i, j) is oriented: w_ei = +1, w_ej = -1."""
+    return [(0, 1)] if num_agents == 2 else [(i, (i + 1) % num_agents) for i in range(num_agents)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Networks (the authors' code: two SELU layers of 128 for the policy and the critic)
+def layer_init(layer, std=2**0.5, bias_const=0.0):
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+def selu_mlp(input_size: int, hidden_sizes: tuple[int, ...]) -> nn.Sequential:
+    layers, size = [], input_size
+    for hidden in hidden_sizes:
+        layers += [layer_init(nn.Linear(size, hidden), std=1.0), nn.SELU()]
+        size = hidden
+    return nn.Sequential(*layers)
+
+
+class JointPolicy(nn.Module):
+    """pi^i(a | o^i) over the joint action of the agents in its heads: one categorical head per agent on a shared
+    trunk. Agent i executes its own head; the others are its model of its teammates, used only in likelihood ratios."""
+
+    def __init__(self, obs_size: int, num_heads: int, num_actions: int, hidden_sizes: tuple[int, ...]):
+        super().__init__()
+        self.trunk = selu_mlp(obs_size, hidden_sizes)
+        self.heads = layer_init(nn.Linear(hidden_sizes[-1], num_heads * num_actions), std=0.01)
+        self.num_heads, self.num_actions = num_heads, num_actions
+
+    def forward(self, obs: torch.Tensor) -> tuple:
+        """The parameters u of the distribution: (logits,) of shape (batch, heads, actions)."""
+        return (self.heads(self.trunk(obs)).unflatten(-1, (self.num_heads, self.num_actions)),)
+
+    def distribution_from(self, params: tuple):
+        # Independent: the joint log-prob, entropy and KL sum over the heads
+        return Independent(Categorical(logits=params[0]), 1)
+
+    def distribution(self, obs: torch.Tensor):
+        return self.distribution_from(self(obs))
+
+
+class ValueNetwork(nn.Module):
+    """V^i(o^i): agent i's local critic, fitted to its private returns (in `centralized` mode: V(s), team return)."""
+
+    def __init__(self, obs_size: int, hidden_sizes: tuple[int, ...]):
+        super().__init__()
+        self.net = nn.Sequential(selu_mlp(obs_size, hidden_sizes), layer_init(nn.Linear(hidden_sizes[-1], 1), std=1.0))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Algorithm
+def compute_gae(rewards, values, next_values, terminations, dones, gamma: float, gae_lambda: float):
+    """Generalised advantage estimation over a (num_steps, num_envs) rollout.
+
+    next_values[t] is V(s_{t+1}) of the true next state, also when the episode ended at t (then it is the value of
+    the final state), so a truncated episode bootstraps from it; a termination zeroes it. dones = terminated or
+    truncated stops the recursion at the episode boundary. Returns the advantages and the returns (targets of V)."""
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = torch.zeros_like(rewards[0])
+    for t in reversed(range(rewards.shape[0])):
+        delta = rewards[t] + gamma * next_values[t] * (1.0 - terminations[t]) - values[t]
+        lastgaelam = delta + gamma * gae_lambda * (1.0 - dones[t]) * lastgaelam
+        advantages[t] = lastgaelam
+    return advantages, advantages + values
+
+
+def conjugate_gradient(matrix_vector_product: Callable, b: torch.Tensor, iters: int, residual_tol: float = 1e-10):
+    """Approximately solve A x = b for a symmetric positive definite A given as the function x -> A x."""
+    x, r, p = torch.zeros_like(b), b.clone(), b.clone()  # solution, residual b - A x, search direction
+    r_dot_r = r @ r
+    for _ in range(iters):
+        if r_dot_r < residual_tol:
+            break
+        Ap = matrix_vector_product(p)
+        alpha = r_dot_r / (p @ Ap)
+        x, r = x + alpha * p, r - alpha * Ap
+        r_dot_r, r_dot_r_old = r @ r, r_dot_r
+        p = r + (r_dot_r / r_dot_r_old) * p
+    return x
+
+
+def fisher_vector_product(actor, obs, damping: float) -> Callable:
+    """The function v -> (F + damping I) v, F the Hessian of the batch-mean KL(pi_old || pi_theta) at theta_old.
+
+    With u(theta) the distribution's parameters (logits, or mean and std) and H the Hessian of the exact KL in u,
+    F = J^T H J with J = du/dtheta: exact at theta_old, where the KL's gradient in u is zero. J v by forward mode and
+    J^T w by reverse mode cost about three passes through the network, half of differentiating it twice."""
+    names, shapes = zip(*[(name, p.shape) for name, p in actor.named_parameters()])
+    theta_old = parameters_to_vector(actor.parameters()).detach()
+
+    def dist_params(theta):  # u(theta) for the flat parameter vector theta
+        chunks = theta.split([shape.numel() for shape in shapes])
+        return functional_call(actor, {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}, (obs,))
+
+    u_old, pullback = vjp(dist_params, theta_old)  # pullback(w) = J^T w
+    u = tuple(p.detach().requires_grad_() for p in u_old)
+    kl = kl_divergence(actor.distribution_from(tuple(p.detach() for p in u_old)), actor.distribution_from(u))
+    kl_grad = torch.autograd.grad(kl.mean(), u, create_graph=True)
+
+    def fvp(v: torch.Tensor) -> torch.Tensor:
+        _, J_v = jvp(dist_params, (theta_old,), (v,))
+        H_J_v = torch.autograd.grad(kl_grad, u, grad_outputs=J_v, retain_graph=True)
+        return pullback(H_J_v)[0] + damping * v
+
+    return fvp
+
+
+class LocalModel:
+    """Agent i's policy around theta_old on its own batch: the log-ratio matrix l(theta) (N samples x heads) with
+    l[t, k] = log pi_k(a^k_t | o_t; theta) - log pi_k(a^k_t | o_t; theta_old), the products J v and J^T u of its
+    Jacobian J = dl/dtheta at theta_old, and the Fisher-vector product. J itself is never formed."""
+
+    def __init__(self, policy: JointPolicy, obs, actions, damping: float, fisher_subsample: int):
+        self.policy, self.obs, self.actions = policy, obs, actions
+        self.names, self.shapes = zip(*[(name, p.shape) for name, p in policy.named_parameters()])
+        self.theta_old = parameters_to_vector(policy.parameters()).detach()
+        with torch.no_grad():
+            self.dist_old = policy.distribution(obs)
+            self.logp_old = self.dist_old.base_dist.log_prob(actions)
+        _, self.pullback = vjp(self.log_ratios, self.theta_old)
+        self.fisher_product = fisher_vector_product(policy, obs[::fisher_subsample], damping)
+
+    def distribution(self, theta: torch.Tensor):
+        chunks = theta.split([shape.numel() for shape in self.shapes])
+        params = {n: c.view(s) for n, c, s in zip(self.names, chunks, self.shapes)}
+        return self.policy.distribution_from(functional_call(self.policy, params, (self.obs,)))
+
+    def log_ratios(self, theta: torch.Tensor, dist=None) -> torch.Tensor:
+        dist = self.distribution(theta) if dist is None else dist
+        return dist.base_dist.log_prob(self.actions) - self.logp_old
+
+    def J(self, v: torch.Tensor) -> torch.Tensor:
+        return jvp(self.log_ratios, (self.theta_old,), (v,))[1]
+
+    def J_transpose(self, u: torch.Tensor) -> torch.Tensor:
+        return self.pullback(u)[0]
+
+
+def local_lagrangian(log_ratios, advantages, coupling, rho_degree: float) -> torch.Tensor:
+    """Agent i's augmented Lagrangian, up to a constant: mean_t[r_t A_t] - (1/N) (<D, l> + rho d_i / 2 |l|^2), with
+    the joint ratio r_t = exp(sum_k l_tk) and D = sum_{e at i} w_ei (lambda_ei - rho z_ei) = A 1^T - C from the edges.
+    Without edges (D = 0, d = 0) it is TRPO's surrogate."""
+    surrogate = (log_ratios.sum(1).exp() * advantages).mean()
+    return surrogate - ((coupling * log_ratios).sum() + rho_degree / 2 * (log_ratios**2).sum()) / len(advantages)
+
+
+def linearized_x_update(model: LocalModel, advantages, coupling, rho_degree: float, args) -> tuple:
+    """`--x-update linearized` (the authors' code), from theta_old: b = (1/N) J^T vec(C) with C = A 1^T - D, the
+    natural-gradient step s = (F + damping I)^{-1} b scaled to the KL bound, x = sqrt(2 delta / b^T s) s, then a
+    backtracking line search that accepts the first fraction with mean KL <= 1.5 delta whose local augmented
+    Lagrangian is not below theta_old's. Returns the accepted parameters, or None, and the fractions tried."""
+    C = advantages[:, None] - coupling
+    b = model.J_transpose(C / len(advantages))
+    s = conjugate_gradient(model.fisher_product, b, args.cg_iters)
+    b_s = b @ s
+    full_step = s * torch.sqrt(2 * args.kl_threshold / b_s) if b_s > 0 else torch.zeros_like(s)
+    with torch.no_grad():
+        lagrangian_old = local_lagrangian(torch.zeros_like(C), advantages, coupling, rho_degree)
+        for steps in range(args.ls_steps):
+            theta = model.theta_old + args.backtrack_coef**steps * full_step
+            dist = model.distribution(theta)
+            kl = kl_divergence(model.dist_old, dist).mean()
+            lagrangian = local_lagrangian(model.log_ratios(theta, dist), advantages, coupling, rho_degree)
+            if kl <= 1.5 * args.kl_threshold and lagrangian >= lagrangian_old:
+                return theta, steps
+    return None, args.ls_steps
+
+
+def prox_x_update(C, x_prev, l_prev, J_transpose: Callable, fisher_product: Callable, solve: Callable,
+                  rho: float, degree: int, kl_threshold: float):  # fmt: skip
+    """`--x-update prox`: c = (1/N) J^T vec(C - rho d l^k) + rho d H x^k, s = H^{-1} c,
+    x = min(1 / (rho d), sqrt(2 delta / c^T s)) s, with x^k the previous step and l^k = J x^k. The quadratic
+    (rho d / 2N) |J x|^2 is replaced by its linearisation at x^k plus the proximal term (rho d / 2) |x - x^k|_H^2, so
+    the step is exact ADMM on the linearised problem when H dominates J^T J / N."""
+    c = J_transpose(C - rho * degree * l_prev) / C.shape[0] + rho * degree * fisher_product(x_prev)
+    s = solve(c)
+    c_s = (c @ s).item()
+    return min(1 / (rho * degree), math.sqrt(2 * kl_threshold / c_s) if c_s > 0 else 0.0) * s
+
+
+def edge_update(lam_i, lam_j, l_i, l_j, rho: float) -> tuple:
+    """The closed-form estimator and dual update on the active edge e = (i, j), w_ei = +1, w_ej = -1: the minimiser of
+    the edge's augmented Lagrangian over z_ei + z_ej = 0, then the dual step. Returns z_ei, z_ej and the common new
+    dual v_e of both endpoints."""
+    v = (lam_i + lam_j) / 2 + (rho / 2) * (l_i - l_j)
+    return l_i + (lam_i - v) / rho, -l_j + (lam_j - v) / rho, v
+
+
+def admm_consensus(policy_steps: list[Callable], shape, edges, rho: float, iters: int, edge_order: str, rng) -> dict:
+    """Asynchronous edge-based ADMM (Wei & Ozdaglar 2013) on the agents' linearised problems: every iteration
+    activates one edge e = (i, j); both endpoints q take a policy step, policy_steps[q](D_q, rho d_q) -> l_q, on their
+    local augmented Lagrangian; then they exchange l and lambda over e and update the edge's estimators z and duals.
+    Starts from z = lambda = 0, l = 0. Returns the final log-ratio matrices and the residuals."""
+    num_agents = len(policy_steps)
+    sign = {(e, q): 1.0 if q == edge[0] else -1.0 for e, edge in enumerate(edges) for q in edge}  # w_eq
+    z = {key: torch.zeros(shape) for key in sign}  # estimators z_eq of w_eq l_q, with z_ei + z_ej = 0
+    lam = {key: torch.zeros(shape) for key in sign}  # duals lambda_eq
+    z_change = {key: torch.zeros(shape) for key in sign}  # z_eq minus its value before e's last activation
+    log_ratios = [torch.zeros(shape) for _ in range(num_agents)]
+    for k in range(iters):
+        e = int(rng.integers(len(edges))) if edge_order == "random" else k % len(edges)
+        for q in edges[e]:
+            incident = [f for f, edge in enumerate(edges) if q in edge]
+            coupling = sum(sign[f, q] * (lam[f, q] - rho * z[f, q]) for f in incident)  # D_q = A 1^T - C_q
+            log_ratios[q] = policy_steps[q](coupling, rho * len(incident))
+
+        # ---- the exchange: the only information that crosses between agents in MATRPO --------------------------
+        # agent i sends (l_i, lambda_ei) to j and receives (l_j, lambda_ej); both compute the same update of edge e
+        i, j = edges[e]
+        z_i, z_j, v = edge_update(lam[e, i], lam[e, j], log_ratios[i], log_ratios[j], rho)
+        z_change[e, i], z_change[e, j] = z_i - z[e, i], z_j - z[e, j]
+        z[e, i], z[e, j], lam[e, i], lam[e, j] = z_i, z_j, v, v.clone()
+
+    def rms(tensors) -> float:
+        return math.sqrt(sum((t**2).mean().item() for t in tensors))
+
+    return {
+        "log_ratios": log_ratios,
+        "primal_residual": rms(sign[e, q] * log_ratios[q] - z[e, q] for e, q in sign),  # of w l = z
+        "dual_residual": rho * rms(z_change.values()),
+        "consensus": {edge: ((log_ratios[edge[0]] - log_ratios[edge[1]]) ** 2).mean().item() for edge in edges},
+    }
+
+
+def fit_critic(critic, optimizer, obs, returns, epochs: int, minibatch_size: int, rng: np.random.Generator) -> float:
+    """Fit V to the returns by mean squared error on shuffled minibatches. Returns the mean loss."""
+    losses = []
+    for _ in range(epochs):
+        order = torch.from_numpy(rng.permutation(len(returns)))
+        for start in range(0, len(returns) - minibatch_size + 1, minibatch_size):
+            mb = order[start : start + minibatch_size]
+            loss = ((critic(obs[mb]) - returns[mb]) ** 2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    return float(np.mean(losses))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints and evaluation
+ARCHITECTURE_ARGS = ("num_agents", "mode", "hidden_sizes")
+
+
+def load_checkpoint(path: str, args: Args) -> dict:
+    """Load a checkpoint, failing with one line if it is unreadable or made by another script, env or architecture."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        saved_args = checkpoint["args"]
+    except Exception as e:
+        fail(f"cannot read checkpoint {path!r}: {type(e).__name__}: {e}")
+    if set(saved_args) != set(vars(args)):  # e.g. a HATRPO checkpoint given to HAPPO
+        differing = ", ".join(sorted(set(saved_args) ^ set(vars(args))))
+        fail(f"checkpoint {path!r} was made by another script (arguments {differing} differ); use that script")
+    for name in ARCHITECTURE_ARGS:
+        if saved_args.get(name) != getattr(args, name):
+            fail(
+                f"checkpoint {path!r} was made with {name}={saved_args.get(name)!r}, these args have "
+                f"{name}={getattr(args, name)!r}; pass the same value"
+            )
+    return checkpoint
+
+
+def save_checkpoint(checkpoint: dict, path: str):
+    """Write atomically: a crash never leaves a half-written checkpoint."""
+    torch.save(checkpoint, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def joint_action(policies, obs_keys, executors, obs: dict, deterministic: bool, device) -> torch.Tensor:
+    """The executed joint action (batch, agents): agent k plays head executors[k] = (policy, head) of that policy."""
+    heads = []
+    for policy, key in zip(policies, obs_keys):
+        dist = policy.distribution(torch.as_tensor(obs[key], device=device))
+        heads.append(dist.base_dist.probs.argmax(-1) if deterministic else dist.sample())
+    return torch.stack([heads[p][..., h] for p, h in executors], -1)
+
+
+def evaluate_team(policies, obs_keys, executors, env: gym.Env, num_episodes: int, seed: int, device) -> np.ndarray:
+    """Team returns of num_episodes episodes with deterministic actions (each head's argmax)."""
+    returns = []
+    obs, _ = env.reset(seed=seed)
+    while len(returns) < num_episodes:
+        episode_return, done = 0.0, False
+        while not done:
+            with torch.no_grad():
+                action = joint_action(policies, obs_keys, executors, obs, True, device)
+            obs, reward, terminated, truncated, _ = env.step(tuple(action.cpu().numpy()))
+            episode_return += reward
+            done = terminated or truncated
+        returns.append(episode_return)
+        obs, _ = env.reset()
+    return np.array(returns)
+
+
+class NonFiniteError(Exception):
+    pass
+
+
+def check_finite(metrics: dict, networks: dict):
+    """Raise NonFiniteError naming the first NaN/inf metric or network parameter."""
+    for name, value in metrics.items():
+        if not math.isfinite(value):
+            raise NonFiniteError(f"{name} is {value}")
+    for name, network in networks.items():
+        for param_name, param in network.named_parameters():
+            if not torch.isfinite(param).all():
+                raise NonFiniteError(f"{name} parameter {param_name} is nan or inf")
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    args.batch_size = args.num_envs * args.num_steps
+    args.num_iterations = args.total_timesteps // max(args.batch_size, 1)
+    validate_args(args)
+    checkpoint_to_load = args.resume or args.eval_checkpoint
+    checkpoint = load_checkpoint(checkpoint_to_load, args) if checkpoint_to_load else None
+
+    # seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_num_threads(args.torch_threads)
+    torch.distributions.Distribution.set_default_validate_args(False)  # checks cost more than the tiny networks
+    rng = np.random.default_rng(args.seed)  # edge activations and minibatch shuffles
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    task_name = f"spread_private_{args.num_agents}"
+    if args.resume:
+        run_dir = os.path.dirname(os.path.abspath(args.resume))
+    else:
+        run_dir = os.path.join("runs", f"{task_name}__{args.exp_name}__{args.mode}__{args.seed}__{int(time.time())}")
+    run_name = os.path.basename(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    checkpoint_path = os.path.join(run_dir, f"{args.exp_name}.pt")
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump({**vars(args), "command": " ".join(sys.argv)}, f, indent=2)
+
+    # env setup
+    def make_eval_env() -> gym.Env:
+        env = make_env(args.num_agents, args.max_cycles, "rgb_array" if args.capture_video else None)()
+        if args.capture_video:
+            env = gym.wrappers.RecordVideo(
+                env, os.path.join(run_dir, "videos"), episode_trigger=lambda e: e == 0, disable_logger=True
+            )
+        return env
+
+    envs = gym.vector.SyncVectorEnv(
+        [make_env(args.num_agents, args.max_cycles) for _ in range(args.num_envs)],
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+    )
+    agents = envs.get_attr("agents")[0]
+    n = len(agents)
+    num_actions = envs.single_action_space[0].n
+
+    # Who learns what. admm: agent i models the joint action from o^i with its private reward; independent: agent i
+    # models only its own action; centralized: one policy on the global state (all observations), team reward.
+    if args.mode == "centralized":
+        obs_keys, heads, executors = ["state"], [list(range(n))], [(0, k) for k in range(n)]
+    elif args.mode == "independent":
+        obs_keys, heads, executors = list(agents), [[i] for i in range(n)], [(i, 0) for i in range(n)]
+    else:
+        obs_keys, heads, executors = list(agents), [list(range(n))] * n, [(i, i) for i in range(n)]
+    num_policies = len(obs_keys)
+    obs_sizes = [envs.single_observation_space[key].shape[0] for key in obs_keys]
+    policies = [
+        JointPolicy(size, len(h), num_actions, args.hidden_sizes).to(device) for size, h in zip(obs_sizes, heads)
+    ]
+    critics = [ValueNetwork(size, args.hidden_sizes).to(device) for size in obs_sizes]
+    critic_optimizers = [torch.optim.Adam(c.parameters(), lr=args.critic_learning_rate) for c in critics]
+    edges = ring_edges(n) if args.mode == "admm" else []
+
+    def make_checkpoint() -> dict:
+        return {
+            "policies": [policy.state_dict() for policy in policies],
+            "critics": [critic.state_dict() for critic in critics],
+            "critic_optimizers": [optimizer.state_dict() for optimizer in critic_optimizers],
+            "global_step": global_step,
+            "iteration": iteration,
+            "rng": rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "args": vars(args),
+        }
+
+    global_step, iteration = 0, 0
+    if checkpoint is not None:  # --resume or --eval-checkpoint
+        for policy, state in zip(policies, checkpoint["policies"]):
+            policy.load_state_dict(state)
+        global_step, iteration = checkpoint["global_step"], checkpoint["iteration"]
+    if args.resume:
+        for critic, optimizer, critic_state, optimizer_state in zip(
+            critics, critic_optimizers, checkpoint["critics"], checkpoint["critic_optimizers"]
+        ):
+            critic.load_state_dict(critic_state)
+            optimizer.load_state_dict(optimizer_state)
+        rng.bit_generator.state = checkpoint["rng"]
+        torch.set_rng_state(checkpoint["torch_rng"])
+        print(f"resumed from {args.resume} at global_step={global_step}")
+
+    # metrics: metrics.jsonl always; W&B with --track. A resumed run drops lines written after its checkpoint.
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    if args.resume and os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            kept = [line for line in f if json.loads(line)["global_step"] <= global_step]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+    metrics_file = open(metrics_path, "a")
+    if args.track:
+        import wandb
+
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            config=vars(args),
+            name=run_name,
+            id=run_name,
+            resume="allow",
+            dir=run_dir,
+            save_code=True,
+        )
+
+    def log(metrics: dict):
+        metrics_file.write(json.dumps(metrics) + "\n")
+        metrics_file.flush()
+        if args.track:
+            wandb.log(metrics, step=metrics["global_step"])
+
+    def evaluate_and_log():
+        returns = evaluate_team(policies, obs_keys, executors, make_eval_env(), args.eval_episodes, args.seed, device)
+        print(f"eval/episodic_return={returns.mean():.2f} +- {returns.std():.2f} over {len(returns)} episodes")
+        log(
+            {
+                "global_step": global_step,
+                "eval/episodic_return": returns.mean(),
+                "eval/episodic_return_std": returns.std(),
+            }
+        )
+
+    if args.eval_checkpoint:
+        evaluate_and_log()
+        sys.exit(0)
+
+    # Ctrl-C or SIGTERM: finish the iteration, save and stop; a second signal stops at once
+    stop_requested = []
+
+    def request_stop(signum, frame):
+        if stop_requested:
+            raise KeyboardInterrupt
+        stop_requested.append(signum)
+        print("stop requested: finishing this iteration (signal again to quit at once)", flush=True)
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+    # rollout storage: per policy its observations, rewards and values; the joint actions are known to every agent
+    T, E = args.num_steps, args.num_envs
+    obs = [torch.zeros((T, E, size), device=device) for size in obs_sizes]
+    actions = torch.zeros((T, E, n), dtype=torch.long, device=device)
+    rewards, values, next_values = (torch.zeros((T, E, num_policies), device=device) for _ in range(3))
+    terminations, dones = torch.zeros((T, E), device=device), torch.zeros((T, E), device=device)
+
+    # start the game; env i is seeded with seed + global_step + i, so a resumed run does not replay its first episodes
+    next_obs, _ = envs.reset(seed=args.seed + global_step)
+    episode_returns, episode_lengths = np.zeros((E, n)), np.zeros(E, dtype=int)
+    last_good_checkpoint = copy.deepcopy(make_checkpoint()) if args.save_model else None
+    start_time, start_step = time.time(), global_step
+    try:
+        while iteration < args.num_iterations and not stop_requested:
+            iteration += 1
+
+            # rollout
+            finished_returns, finished_lengths = [], []
+            with torch.no_grad():
+                next_value = torch.stack([c(torch.as_tensor(next_obs[k])) for c, k in zip(critics, obs_keys)], -1)
+                for step in range(T):
+                    global_step += E
+                    for p, key in enumerate(obs_keys):
+                        obs[p][step] = torch.as_tensor(next_obs[key], device=device)
+                    values[step] = next_value
+                    actions[step] = joint_action(policies, obs_keys, executors, next_obs, False, device)
+
+                    next_obs, _, terminated, truncated, infos = envs.step(tuple(actions[step].T.cpu().numpy()))
+                    done = terminated | truncated
+                    # r^i: the final step of an ended episode reports in final_info (the autoreset moved it there)
+                    private = infos["private_rewards"]
+                    if done.any():
+                        private = np.where(done[:, None], infos["final_info"]["private_rewards"], private)
+                    private = torch.as_tensor(private, dtype=torch.float, device=device)
+                    rewards[step] = private.sum(-1, keepdim=True) if args.mode == "centralized" else private
+                    terminations[step] = torch.as_tensor(terminated, device=device)
+                    dones[step] = torch.as_tensor(done, device=device)
+                    next_value = torch.stack([c(torch.as_tensor(next_obs[k])) for c, k in zip(critics, obs_keys)], -1)
+                    # V(s_{t+1}) of the true next state: where an episode ended, its final state, not the reset one
+                    next_values[step] = next_value
+                    for j in np.flatnonzero(done):
+                        final = infos["final_obs"][j]
+                        for p, (critic, key) in enumerate(zip(critics, obs_keys)):
+                            next_values[step, j, p] = critic(torch.as_tensor(final[key], device=device))
+
+                    episode_returns += private.cpu().numpy()
+                    episode_lengths += 1
+                    finished_returns += list(episode_returns[done])
+                    finished_lengths += list(episode_lengths[done])
+                    episode_returns[done], episode_lengths[done] = 0.0, 0
+
+                # every policy's own GAE on its own reward and critic
+                advantages, returns = compute_gae(
+                    rewards, values, next_values, terminations[..., None], dones[..., None], args.gamma, args.gae_lambda
+                )
+
+            # flatten the batch; normalise the advantages with one pooled mean and std, or per policy
+            b_obs = [o.reshape(-1, o.shape[-1]) for o in obs]
+            b_actions = actions.reshape(-1, n)
+            b_advantages, b_returns = advantages.reshape(-1, num_policies), returns.reshape(-1, num_policies)
+            if args.advantage_norm == "pooled":
+                b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std() + 1e-8)
+            else:
+                b_advantages = (b_advantages - b_advantages.mean(0)) / (b_advantages.std(0) + 1e-8)
+
+            # policy iteration: each agent linearises its policy at theta_old on its own batch
+            update_start = time.time()
+            models = [
+                LocalModel(policy, b_obs[p], b_actions[:, heads[p]], args.cg_damping, args.fisher_subsample)
+                for p, policy in enumerate(policies)
+            ]
+            line_search_steps = [[] for _ in policies]
+            prox_steps = [torch.zeros_like(model.theta_old) for model in models]  # x^k of the prox update
+
+            def policy_step(p: int, coupling, rho_degree: float) -> torch.Tensor:
+                """Agent p's step on its local augmented Lagrangian from theta_old; sets its parameters and returns its
+                log-ratio matrix l_p. A rejected linearized step keeps the last accepted parameters."""
+                model, params = models[p], list(policies[p].parameters())
+                if args.x_update == "prox" and rho_degree > 0:
+                    C = b_advantages[:, p : p + 1] - coupling
+                    degree = round(rho_degree / args.admm_rho)
+                    x = prox_x_update(
+                        C,
+                        prox_steps[p],
+                        model.J(prox_steps[p]),
+                        model.J_transpose,
+                        model.fisher_product,
+                        lambda c: conjugate_gradient(model.fisher_product, c, args.cg_iters),
+                        args.admm_rho,
+                        degree,
+                        args.kl_threshold,
+                    )
+                    prox_steps[p] = x
+                    vector_to_parameters(model.theta_old + x, params)
+                    return model.J(x).detach()
+                theta, steps = linearized_x_update(model, b_advantages[:, p], coupling, rho_degree, args)
+                line_search_steps[p].append(steps)
+                if theta is not None:
+                    vector_to_parameters(theta, params)
+                with torch.no_grad():
+                    return model.log_ratios(parameters_to_vector(params))
+
+            metrics = {}
+            if args.mode == "admm":
+                result = admm_consensus(
+                    [lambda D, rho_d, p=p: policy_step(p, D, rho_d) for p in range(num_policies)],
+                    (args.batch_size, n),
+                    edges,
+                    args.admm_rho,
+                    args.admm_iters,
+                    args.edge_order,
+                    rng,
+                )
+                metrics["admm/primal_residual"] = result["primal_residual"]
+                metrics["admm/dual_residual"] = result["dual_residual"]
+                for (i, j), residual in result["consensus"].items():
+                    metrics[f"admm/consensus_residual_{i}_{j}"] = residual
+            else:  # the baselines: one TRPO step per policy
+                for p, model in enumerate(models):
+                    policy_step(p, torch.zeros_like(model.logp_old), 0.0)
+            update_seconds = time.time() - update_start
+
+            # policy statistics at the parameters each agent kept
+            with torch.no_grad():
+                for p, (model, policy) in enumerate(zip(models, policies)):
+                    dist = policy.distribution(b_obs[p])
+                    logratio = model.log_ratios(None, dist).sum(1)
+                    metrics[f"agent{p}/policy_loss"] = -(logratio.exp() * b_advantages[:, p]).mean().item()
+                    metrics[f"agent{p}/entropy"] = dist.entropy().mean().item()
+                    metrics[f"agent{p}/approx_kl"] = ((logratio.exp() - 1) - logratio).mean().item()
+                    metrics[f"agent{p}/kl"] = kl_divergence(model.dist_old, dist).mean().item()
+                    if line_search_steps[p]:
+                        metrics[f"agent{p}/line_search_steps"] = float(np.mean(line_search_steps[p]))
+            del models  # frees the autodiff graphs kept for J^T
+
+            # critics: each fits V^i to its own returns
+            value_losses, explained = [], []
+            for p, (critic, optimizer) in enumerate(zip(critics, critic_optimizers)):
+                value_losses.append(
+                    fit_critic(
+                        critic,
+                        optimizer,
+                        b_obs[p],
+                        b_returns[:, p],
+                        args.critic_epochs,
+                        args.critic_minibatch_size,
+                        rng,
+                    )  # fmt: skip
+                )
+                var_returns = b_returns[:, p].var().item()
+                if var_returns > 0:
+                    residual_var = (b_returns[:, p] - values[..., p].reshape(-1)).var().item()
+                    explained.append(1 - residual_var / var_returns)
+
+            # logging
+            sps = int((global_step - start_step) / (time.time() - start_time))
+            metrics |= {
+                "global_step": global_step,
+                "charts/SPS": sps,
+                "charts/learning_rate": args.critic_learning_rate,
+                "charts/update_seconds": update_seconds,
+                "losses/value_loss": float(np.mean(value_losses)),
+            }
+            if explained:
+                metrics["losses/explained_variance"] = float(np.mean(explained))
+            if finished_returns:
+                metrics["charts/episodic_return"] = float(np.sum(np.mean(finished_returns, 0)))
+                metrics["charts/episodic_length"] = float(np.mean(finished_lengths))
+                for i, private_return in enumerate(np.mean(finished_returns, 0)):
+                    metrics[f"agent{i}/episodic_return"] = float(private_return)
+            networks = {f"agent{p}": policy for p, policy in enumerate(policies)}
+            check_finite(metrics, networks | {f"critic{p}": critic for p, critic in enumerate(critics)})
+            log(metrics)
+            episodic_return = metrics.get("charts/episodic_return", float("nan"))
+            print(f"global_step={global_step}, episodic_return={episodic_return:.2f}, SPS={sps}")
+
+            if args.save_model:
+                last_good_checkpoint = copy.deepcopy(make_checkpoint())
+                if iteration % args.save_interval == 0 or iteration == args.num_iterations or stop_requested:
+                    save_checkpoint(last_good_checkpoint, checkpoint_path)
+    except NonFiniteError as e:
+        if args.save_model:
+            save_checkpoint(last_good_checkpoint, checkpoint_path)
+        saved = f" (last good checkpoint: {checkpoint_path})" if args.save_model else ""
+        print(f"error: {e} at global_step={global_step}; stopping{saved}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(
+            f"error: interrupted at global_step={global_step}; nothing saved since the last checkpoint", file=sys.stderr
+        )
+        sys.exit(130)
+    envs.close()
+
+    if args.save_model and not stop_requested:
+        print(f"model saved to {checkpoint_path}")
+        evaluate_and_log()
+    metrics_file.close()
+    if args.track:
+        wandb.finish()
+    if stop_requested:
+        resume_hint = f"; resume with --resume {checkpoint_path}" if args.save_model else ""
+        print(f"stopped at global_step={global_step}{resume_hint}")
+        sys.exit(128 + stop_requested[0])
