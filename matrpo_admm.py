@@ -1,4 +1,4 @@
-# MATRPO: decentralised TRPO by asynchronous ADMM (Li & He 2020, https://arxiv.org/abs/2010.07916); README.md#matrpo_admmpy
+# MATRPO: TRPO with asynchronous ADMM (Li & He 2020, https://arxiv.org/abs/2010.07916); README.md#matrpo_admmpy
 import copy
 import importlib
 import json
@@ -148,10 +148,10 @@ def validate_args(args: Args):
                 fail(f"--{name.replace('_', '-')} must be {expected}, got {getattr(args, name)}")
     if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
         fail(f"--hidden-sizes must be one or more positive sizes, got {args.hidden_sizes}")
-    if args.critic_minibatch_size > args.batch_size:
-        fail(f"--critic-minibatch-size {args.critic_minibatch_size} is larger than one batch of {args.batch_size}")
     if args.total_timesteps < args.batch_size:
         fail(f"--total-timesteps {args.total_timesteps} is smaller than one batch of {args.batch_size} steps")
+    if args.critic_minibatch_size > args.batch_size:
+        fail(f"--critic-minibatch-size {args.critic_minibatch_size} is larger than one batch of {args.batch_size}")
     if args.resume and args.eval_checkpoint:
         fail("give either --resume or --eval-checkpoint, not both")
     for path in (args.resume, args.eval_checkpoint):
@@ -407,23 +407,25 @@ def edge_update(lam_i, lam_j, l_i, l_j, rho: float) -> tuple:
     return l_i + (lam_i - v) / rho, -l_j + (lam_j - v) / rho, v
 
 
-def admm_consensus(policy_steps: list[Callable], shape, edges, rho: float, iters: int, edge_order: str, rng) -> dict:
+def admm_consensus(
+    policy_steps: list[Callable], zero: torch.Tensor, edges, rho: float, iters: int, edge_order: str, rng
+) -> dict:
     """Asynchronous edge-based ADMM (Wei & Ozdaglar 2013) on the agents' linearised problems: every iteration
-    activates one edge e = (i, j); both endpoints q take a policy step, policy_steps[q](D_q, rho d_q) -> l_q, on their
+    activates one edge e = (i, j); both endpoints q take a policy step, policy_steps[q](D_q, d_q) -> l_q, on their
     local augmented Lagrangian; then they exchange l and lambda over e and update the edge's estimators z and duals.
-    Starts from z = lambda = 0, l = 0. Returns the final log-ratio matrices and the residuals."""
+    Starts from z = lambda = l = zero, the zero log-ratio matrix (N x n). Returns the final l and the residuals."""
     num_agents = len(policy_steps)
     sign = {(e, q): 1.0 if q == edge[0] else -1.0 for e, edge in enumerate(edges) for q in edge}  # w_eq
-    z = {key: torch.zeros(shape) for key in sign}  # estimators z_eq of w_eq l_q, with z_ei + z_ej = 0
-    lam = {key: torch.zeros(shape) for key in sign}  # duals lambda_eq
-    z_change = {key: torch.zeros(shape) for key in sign}  # z_eq minus its value before e's last activation
-    log_ratios = [torch.zeros(shape) for _ in range(num_agents)]
+    z = {key: torch.zeros_like(zero) for key in sign}  # estimators z_eq of w_eq l_q, with z_ei + z_ej = 0
+    lam = {key: torch.zeros_like(zero) for key in sign}  # duals lambda_eq
+    z_change = {key: torch.zeros_like(zero) for key in sign}  # z_eq minus its value before e's last activation
+    log_ratios = [torch.zeros_like(zero) for _ in range(num_agents)]
     for k in range(iters):
         e = int(rng.integers(len(edges))) if edge_order == "random" else k % len(edges)
         for q in edges[e]:
             incident = [f for f, edge in enumerate(edges) if q in edge]
             coupling = sum(sign[f, q] * (lam[f, q] - rho * z[f, q]) for f in incident)  # D_q = A 1^T - C_q
-            log_ratios[q] = policy_steps[q](coupling, rho * len(incident))
+            log_ratios[q] = policy_steps[q](coupling, len(incident))
 
         # ---- the exchange: the only information that crosses between agents in MATRPO --------------------------
         # agent i sends (l_i, lambda_ei) to j and receives (l_j, lambda_ej); both compute the same update of edge e
@@ -594,7 +596,7 @@ if __name__ == "__main__":
 
     def make_checkpoint() -> dict:
         return {
-            "policies": [policy.state_dict() for policy in policies],
+            "actors": [policy.state_dict() for policy in policies],
             "critics": [critic.state_dict() for critic in critics],
             "critic_optimizers": [optimizer.state_dict() for optimizer in critic_optimizers],
             "global_step": global_step,
@@ -606,7 +608,7 @@ if __name__ == "__main__":
 
     global_step, iteration = 0, 0
     if checkpoint is not None:  # --resume or --eval-checkpoint
-        for policy, state in zip(policies, checkpoint["policies"]):
+        for policy, state in zip(policies, checkpoint["actors"]):
             policy.load_state_dict(state)
         global_step, iteration = checkpoint["global_step"], checkpoint["iteration"]
     if args.resume:
@@ -748,13 +750,12 @@ if __name__ == "__main__":
             line_search_steps = [[] for _ in policies]
             prox_steps = [torch.zeros_like(model.theta_old) for model in models]  # x^k of the prox update
 
-            def policy_step(p: int, coupling, rho_degree: float) -> torch.Tensor:
+            def policy_step(p: int, coupling, degree: int) -> torch.Tensor:
                 """Agent p's step on its local augmented Lagrangian from theta_old; sets its parameters and returns its
                 log-ratio matrix l_p. A rejected linearized step keeps the last accepted parameters."""
                 model, params = models[p], list(policies[p].parameters())
-                if args.x_update == "prox" and rho_degree > 0:
+                if args.x_update == "prox" and degree > 0:
                     C = b_advantages[:, p : p + 1] - coupling
-                    degree = round(rho_degree / args.admm_rho)
                     x = prox_x_update(
                         C,
                         prox_steps[p],
@@ -769,6 +770,7 @@ if __name__ == "__main__":
                     prox_steps[p] = x
                     vector_to_parameters(model.theta_old + x, params)
                     return model.J(x).detach()
+                rho_degree = args.admm_rho * degree
                 theta, steps = linearized_x_update(model, b_advantages[:, p], coupling, rho_degree, args)
                 line_search_steps[p].append(steps)
                 if theta is not None:
@@ -779,8 +781,8 @@ if __name__ == "__main__":
             metrics = {}
             if args.mode == "admm":
                 result = admm_consensus(
-                    [lambda D, rho_d, p=p: policy_step(p, D, rho_d) for p in range(num_policies)],
-                    (args.batch_size, n),
+                    [lambda D, degree, p=p: policy_step(p, D, degree) for p in range(num_policies)],
+                    torch.zeros(args.batch_size, n, device=device),
                     edges,
                     args.admm_rho,
                     args.admm_iters,
@@ -793,7 +795,7 @@ if __name__ == "__main__":
                     metrics[f"admm/consensus_residual_{i}_{j}"] = residual
             else:  # the baselines: one TRPO step per policy
                 for p, model in enumerate(models):
-                    policy_step(p, torch.zeros_like(model.logp_old), 0.0)
+                    policy_step(p, torch.zeros_like(model.logp_old), 0)
             update_seconds = time.time() - update_start
 
             # policy statistics at the parameters each agent kept

@@ -1,0 +1,285 @@
+"""MATRPO's pieces against independent references: the private-reward task from positions and sizes, the edge update
+against the direct minimiser of the edge's augmented Lagrangian, the ADMM loop against the centralised optimum of a
+convex instance, Jacobian and Fisher products against explicit matrices, the linearized step against a naive loop;
+then every mode end to end."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from helpers import TINY, load_script, read_metrics, run_dirs, run_ok
+from torch.distributions import kl_divergence
+from torch.func import functional_call
+from torch.nn.utils import parameters_to_vector
+
+matrpo = load_script("matrpo_admm.py")
+
+
+def test_private_rewards_split_the_landmark_term_and_the_collisions():
+    env = matrpo.MPEPrivateEnv(num_agents=3, max_cycles=100)
+    env.reset(seed=0)
+    world, rng = env.mpe_env.world, np.random.default_rng(0)
+    assert env.observation_space["agent_0"].shape == (14,)  # 18 minus the 4 communication numbers
+    collided = 0
+    for _ in range(100):
+        obs, team_reward, terminated, truncated, info = env.step(tuple(rng.integers(0, 5, size=3)))
+        private = info["private_rewards"]
+        positions = [a.state.p_pos for a in world.agents]
+        assert np.array_equal(obs["agent_1"], env.mpe_env.observe("agent_1")[:14])  # the dropped part was last
+
+        def collisions(i):  # the other agents overlapping agent i, from positions and sizes
+            return sum(
+                np.linalg.norm(positions[i] - positions[j]) < world.agents[i].size + world.agents[j].size
+                for j in range(3)
+                if j != i
+            )
+
+        landmark_term = -sum(min(np.linalg.norm(p - lm.state.p_pos) for p in positions) for lm in world.landmarks)
+        assert private[0] + collisions(0) == pytest.approx(landmark_term, abs=1e-9)
+        for i in (1, 2):
+            assert private[i] == -collisions(i)  # only their own collision penalties
+        assert team_reward == pytest.approx(private.sum())
+        collided += sum(collisions(i) for i in range(3))
+        if terminated or truncated:
+            break
+    assert truncated and collided > 0  # a 100-step episode, and the collision branch was exercised
+
+
+@pytest.mark.parametrize(("num_agents", "edges"), [(2, [(0, 1)]), (3, [(0, 1), (1, 2), (2, 0)]), (5, None)])
+def test_ring(num_agents, edges):
+    ring = matrpo.ring_edges(num_agents)
+    if edges is not None:
+        assert ring == edges
+    assert sorted(q for edge in ring for q in edge) == sorted(list(range(num_agents)) * min(2, len(ring)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ADMM
+def test_edge_update_is_the_augmented_lagrangian_minimiser_then_the_dual_step():
+    """min over z_ei + z_ej = 0 of sum_q [lambda_q . (w_q l_q - z_q) + rho/2 |w_q l_q - z_q|^2], solved from its KKT
+    system per coordinate, then lambda_q += rho (w_q l_q - z_q)."""
+    rng = np.random.default_rng(0)
+    for rho in (0.5, 1.0, 3.0):
+        lam_i, lam_j, l_i, l_j = (rng.normal(size=50) for _ in range(4))
+        z_i, z_j, v = matrpo.edge_update(*(torch.tensor(a) for a in (lam_i, lam_j, l_i, l_j)), rho)
+        w_i, w_j = 1.0, -1.0
+        for k in range(50):  # unknowns z_i, z_j, multiplier mu
+            kkt = np.array([[rho, 0.0, 1.0], [0.0, rho, 1.0], [1.0, 1.0, 0.0]])
+            rhs = np.array([lam_i[k] + rho * w_i * l_i[k], lam_j[k] + rho * w_j * l_j[k], 0.0])
+            expected_z_i, expected_z_j, _ = np.linalg.solve(kkt, rhs)
+            assert z_i[k].item() == pytest.approx(expected_z_i) and z_j[k].item() == pytest.approx(expected_z_j)
+            assert v[k].item() == pytest.approx(lam_i[k] + rho * (w_i * l_i[k] - expected_z_i))
+            assert v[k].item() == pytest.approx(lam_j[k] + rho * (w_j * l_j[k] - expected_z_j))
+
+
+def test_local_lagrangian_gradient_is_C_over_N():
+    """The linearized step's b = (1/N) J^T vec(C) is the gradient of the line search's objective at theta_old."""
+    generator = torch.Generator().manual_seed(0)
+    advantages, coupling = torch.randn(7, generator=generator), torch.randn(7, 3, generator=generator)
+    log_ratios = torch.zeros(7, 3, requires_grad=True)
+    matrpo.local_lagrangian(log_ratios, advantages, coupling, 2.0).backward()
+    torch.testing.assert_close(log_ratios.grad, (advantages[:, None] - coupling) / 7)
+
+
+@pytest.mark.parametrize(("num_agents", "edge_order"), [(3, "random"), (5, "random"), (5, "round-robin")])
+def test_prox_admm_reaches_consensus_and_the_centralised_optimum(num_agents, edge_order):
+    """A convex instance of the linearised problem: l_q = J_q x_q with the J_q sharing a block U (so consensus is
+    possible in span(U)), H_q = J_q^T J_q / N + 0.5 I (dominates J^T J / N), random advantages, a ring. Centralised:
+    maximise the team objective sum_q <A_q 1^T, l> / N over l = U y subject to every agent's trust region
+    1/2 y^T H_q,UU y <= delta, solved in closed form (the H_q,UU blocks are equal here)."""
+    torch.manual_seed(num_agents)
+    N, k, private, rho, delta = 20, 4, 3, 1.0, 0.05
+    shape = (N, num_agents)  # a log-ratio matrix l: N samples x n heads
+    U = torch.randn(N * num_agents, k, dtype=torch.float64)
+    J = [torch.cat([U, torch.randn(N * num_agents, private, dtype=torch.float64)], 1) for _ in range(num_agents)]
+    H = [Jq.T @ Jq / N + 0.5 * torch.eye(k + private, dtype=torch.float64) for Jq in J]
+    A = [torch.randn(N, dtype=torch.float64) for _ in range(num_agents)]
+    x = [torch.zeros(k + private, dtype=torch.float64) for _ in range(num_agents)]
+
+    def policy_step(q, coupling, degree):
+        C = A[q][:, None] - coupling  # A 1^T - D
+        J_transpose, solve = lambda u: J[q].T @ u.reshape(-1), lambda c: torch.linalg.solve(H[q], c)  # noqa: E731
+        x[q] = matrpo.prox_x_update(C, x[q], (J[q] @ x[q]).view(shape), J_transpose, lambda v: H[q] @ v, solve, rho,
+                                    degree, delta)  # fmt: skip
+        return (J[q] @ x[q]).view(shape)
+
+    result = matrpo.admm_consensus(
+        [lambda D, degree, q=q: policy_step(q, D, degree) for q in range(num_agents)],
+        torch.zeros(shape, dtype=torch.float64),
+        matrpo.ring_edges(num_agents),
+        rho,
+        1500 * num_agents,
+        edge_order,
+        np.random.default_rng(0),
+    )
+    ls = result["log_ratios"]
+    assert max((a - b).abs().max().item() for a, b in itertools.combinations(ls, 2)) < 1e-8  # consensus
+    assert result["primal_residual"] < 1e-8 and result["dual_residual"] < 1e-8
+    assert max(result["consensus"].values()) < 1e-16
+    objective = sum(A[q] @ ls[q].sum(1) for q in range(num_agents)).item() / N
+    g = sum(U.T @ A[q].repeat_interleave(num_agents) for q in range(num_agents)) / N
+    y = torch.linalg.solve(H[0][:k, :k], g)
+    y = y * torch.sqrt(2 * delta / (g @ y))
+    assert objective == pytest.approx((g @ y).item(), rel=1e-8)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Jacobian and Fisher products of a tiny double-precision joint policy, against explicit matrices
+def tiny_model(num_heads: int = 3, seed: int = 0, fisher_subsample: int = 1):
+    """A tiny joint policy moved to a generic point (non-uniform heads), its batch and its LocalModel."""
+    torch.manual_seed(seed)
+    policy = matrpo.JointPolicy(4, num_heads, 5, (6,)).double()
+    with torch.no_grad():
+        for param in policy.parameters():
+            param.add_(0.5 * torch.randn_like(param))
+    obs = torch.randn(12, 4, dtype=torch.float64)
+    actions = torch.randint(0, 5, (12, num_heads))
+    return policy, obs, actions, matrpo.LocalModel(policy, obs, actions, 0.01, fisher_subsample)
+
+
+def explicit_log_ratios(policy, obs, actions):
+    """l(theta) written out: log-softmax of each head's logits at the taken action, minus its value at theta_old."""
+    names, shapes = zip(*[(name, p.shape) for name, p in policy.named_parameters()])
+
+    def logp(theta):
+        chunks = theta.split([shape.numel() for shape in shapes])
+        (logits,) = functional_call(policy, {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}, (obs,))
+        return torch.log_softmax(logits, -1).gather(-1, actions[..., None]).squeeze(-1)
+
+    theta_old = parameters_to_vector(policy.parameters()).detach()
+    return lambda theta: logp(theta) - logp(theta_old), theta_old
+
+
+def test_jacobian_products_match_the_explicit_jacobian():
+    policy, obs, actions, model = tiny_model()
+    log_ratios, theta_old = explicit_log_ratios(policy, obs, actions)
+    jacobian = torch.autograd.functional.jacobian(log_ratios, theta_old)  # (N, heads, parameters)
+    assert jacobian.shape == (12, 3, theta_old.numel())
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        v = torch.randn(theta_old.numel(), dtype=torch.float64, generator=generator)
+        u = torch.randn(12, 3, dtype=torch.float64, generator=generator)
+        torch.testing.assert_close(model.J(v), jacobian @ v, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(model.J_transpose(u), torch.einsum("tkp,tk->p", jacobian, u), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(model.log_ratios(theta_old + 0.1 * v), log_ratios(theta_old + 0.1 * v))
+
+
+@pytest.mark.parametrize("fisher_subsample", [1, 3])
+def test_fisher_vector_product_matches_the_explicit_kl_hessian(fisher_subsample):
+    """F = Hessian of the mean over the (subsampled) batch of sum_k KL(pi_k,old || pi_k), written out by hand."""
+    policy, obs, actions, model = tiny_model(fisher_subsample=fisher_subsample)
+    names, shapes = zip(*[(name, p.shape) for name, p in policy.named_parameters()])
+    sub_obs = obs[::fisher_subsample]
+
+    def logits(theta):
+        chunks = theta.split([shape.numel() for shape in shapes])
+        return functional_call(policy, {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}, (sub_obs,))[0]
+
+    theta_old = parameters_to_vector(policy.parameters()).detach()
+    logp_old = torch.log_softmax(logits(theta_old), -1)
+
+    def mean_kl(theta):
+        return (logp_old.exp() * (logp_old - torch.log_softmax(logits(theta), -1))).sum((-1, -2)).mean()
+
+    hessian = torch.autograd.functional.hessian(mean_kl, theta_old)
+    v = torch.randn(theta_old.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(model.fisher_product(v), hessian @ v + 0.01 * v, rtol=1e-9, atol=1e-12)
+
+
+def test_linearized_step_matches_a_naive_reimplementation():
+    """Explicit Jacobian and Fisher matrix, a direct solve and a plain loop over the step fractions."""
+    policy, obs, actions, model = tiny_model()
+    log_ratios, theta_old = explicit_log_ratios(policy, obs, actions)
+    jacobian = torch.autograd.functional.jacobian(log_ratios, theta_old)
+    fisher = torch.stack([model.fisher_product(e) for e in torch.eye(theta_old.numel(), dtype=torch.float64)])
+    generator = torch.Generator().manual_seed(3)
+    advantages, coupling = torch.randn(12, dtype=torch.float64, generator=generator), None
+    dist_old = policy.distribution(obs)
+
+    def distribution(theta):
+        vector = theta.clone()
+        torch.nn.utils.vector_to_parameters(vector, policy.parameters())
+        with torch.no_grad():
+            dist = policy.distribution(obs)
+        torch.nn.utils.vector_to_parameters(theta_old, policy.parameters())
+        return dist
+
+    for kl_threshold, scale in [(0.01, 0.0), (0.01, 0.3), (0.5, 0.3)]:
+        coupling = scale * torch.randn(12, 3, dtype=torch.float64, generator=generator)
+        args = type("Args", (), dict(cg_iters=200, kl_threshold=kl_threshold, ls_steps=10, backtrack_coef=0.5))
+        theta, steps = matrpo.linearized_x_update(model, advantages, coupling, 2.0 * (scale > 0), args)
+
+        b = torch.einsum("tkp,tk->p", jacobian, advantages[:, None] - coupling) / 12
+        s = torch.linalg.solve(fisher, b)
+        full_step = s * torch.sqrt(2 * kl_threshold / (b @ s))
+
+        def lagrangian(theta):
+            return matrpo.local_lagrangian(log_ratios(theta).detach(), advantages, coupling, 2.0 * (scale > 0)).item()
+
+        for expected_steps in range(10):
+            candidate = theta_old + 0.5**expected_steps * full_step
+            kl = kl_divergence(dist_old, distribution(candidate)).mean().item()
+            if kl <= 1.5 * kl_threshold and lagrangian(candidate) >= lagrangian(theta_old):
+                break
+        assert steps == expected_steps
+        # CG stops at |r|^2 < 1e-10, the direct solve does not: agreement to about 1e-4 (a wrong scale would be far off)
+        torch.testing.assert_close(theta, candidate, rtol=1e-3, atol=1e-5)
+        assert lagrangian(theta) > lagrangian(theta_old)  # an improving step was found on this instance
+    assert steps > 0  # the large threshold made the full step fail at least once
+
+
+def test_linearized_step_without_an_improving_fraction_returns_none():
+    """A penalty rho d so large that every fraction tried overshoots: the augmented Lagrangian falls."""
+    policy, obs, actions, model = tiny_model()
+    args = type("Args", (), dict(cg_iters=10, kl_threshold=0.01, ls_steps=3, backtrack_coef=0.5))
+    advantages = torch.randn(12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    coupling = torch.zeros(12, 3, dtype=torch.float64)
+    theta, steps = matrpo.linearized_x_update(model, advantages, coupling, 1e6, args)
+    assert theta is None and steps == 3
+    theta, steps = matrpo.linearized_x_update(model, advantages, coupling, 0.0, args)
+    assert theta is not None and steps < 3  # the same step without the penalty is accepted
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# End to end
+TINY_TASK = ["--max-cycles", "25", "--critic-minibatch-size", "25"]  # episodes and minibatches that fit TINY's batch
+MODE_METRICS = {
+    "admm": {"admm/primal_residual", "admm/dual_residual"}
+    | {f"admm/consensus_residual_{edge}" for edge in ("0_1", "1_2", "2_0")},
+    "independent": set(),
+    "centralized": set(),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "flags", [["--mode", "admm"], ["--mode", "admm", "--x-update", "prox", "--edge-order", "round-robin",
+                                   "--advantage-norm", "local"], ["--mode", "independent"], ["--mode", "centralized"]],
+    ids=["admm", "admm-prox", "independent", "centralized"],
+)  # fmt: skip
+def test_mode_runs_two_iterations(flags, tmp_path):
+    run_ok("matrpo_admm.py", *flags, *TINY_TASK, "--admm-iters", "20", *TINY, cwd=tmp_path)
+    (run_dir,) = run_dirs(tmp_path)
+    metrics = read_metrics(run_dir)
+    assert [m["global_step"] for m in metrics] == [50, 100]
+    mode = flags[1]
+    learners = 1 if mode == "centralized" else 3
+    stats = {"policy_loss", "entropy", "approx_kl", "kl"} | ({"line_search_steps"} if "prox" not in flags else set())
+    expected = (
+        {"global_step", "charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/learning_rate",
+         "charts/update_seconds", "losses/value_loss", "losses/explained_variance"}
+        | {f"agent{i}/episodic_return" for i in range(3)}
+        | {f"agent{p}/{name}" for p in range(learners) for name in stats}
+        | MODE_METRICS[mode]
+    )  # fmt: skip
+    for line in metrics:
+        assert set(line) == expected
+        assert all(math.isfinite(value) for value in line.values())
+        assert line["charts/episodic_length"] == 25
+        # the team return is the sum of the private ones; only agent 0 sees the (negative) landmark term
+        private = [line[f"agent{i}/episodic_return"] for i in range(3)]
+        assert line["charts/episodic_return"] == pytest.approx(sum(private))
+        assert private[0] < min(private[1:]) - 1
+        # every policy kept its KL within the line search's 1.5 delta (prox: within the quadratic model's bound)
+        assert all(0 < line[f"agent{p}/kl"] <= 1.5 * 0.003 for p in range(learners))
