@@ -369,7 +369,8 @@ def linearized_x_update(model: LocalModel, advantages, coupling, rho_degree: flo
     """`--x-update linearized` (the authors' code), from theta_old: b = (1/N) J^T vec(C) with C = A 1^T - D, the
     natural-gradient step s = (F + damping I)^{-1} b scaled to the KL bound, x = sqrt(2 delta / b^T s) s, then a
     backtracking line search that accepts the first fraction with mean KL <= 1.5 delta whose local augmented
-    Lagrangian is not below theta_old's. Returns the accepted parameters, or None, and the fractions tried."""
+    Lagrangian is not below theta_old's. Returns the accepted parameters and their log-ratio matrix, or None and None,
+    and the number of fractions rejected."""
     C = advantages[:, None] - coupling
     b = model.J_transpose(C / len(advantages))
     s = conjugate_gradient(model.fisher_product, b, args.cg_iters)
@@ -380,11 +381,13 @@ def linearized_x_update(model: LocalModel, advantages, coupling, rho_degree: flo
         for steps in range(args.ls_steps):
             theta = model.theta_old + args.backtrack_coef**steps * full_step
             dist = model.distribution(theta)
+            log_ratios = model.log_ratios(theta, dist)
             kl = kl_divergence(model.dist_old, dist).mean()
-            lagrangian = local_lagrangian(model.log_ratios(theta, dist), advantages, coupling, rho_degree)
-            if kl <= 1.5 * args.kl_threshold and lagrangian >= lagrangian_old:
-                return theta, steps
-    return None, args.ls_steps
+            if kl <= 1.5 * args.kl_threshold and local_lagrangian(log_ratios, advantages, coupling, rho_degree) >= (
+                lagrangian_old
+            ):
+                return theta, log_ratios, steps
+    return None, None, args.ls_steps
 
 
 def prox_x_update(C, x_prev, l_prev, J_transpose: Callable, fisher_product: Callable, solve: Callable,
@@ -748,18 +751,19 @@ if __name__ == "__main__":
                 for p, policy in enumerate(policies)
             ]
             line_search_steps = [[] for _ in policies]
+            kept_log_ratios = [torch.zeros_like(model.logp_old) for model in models]  # l at the kept parameters
             prox_steps = [torch.zeros_like(model.theta_old) for model in models]  # x^k of the prox update
 
             def policy_step(p: int, coupling, degree: int) -> torch.Tensor:
-                """Agent p's step on its local augmented Lagrangian from theta_old; sets its parameters and returns its
-                log-ratio matrix l_p. A rejected linearized step keeps the last accepted parameters."""
+                """Agent p's step on its local augmented Lagrangian; sets its parameters and returns its log-ratio
+                matrix l_p. A rejected linearized step keeps the last accepted parameters."""
                 model, params = models[p], list(policies[p].parameters())
                 if args.x_update == "prox" and degree > 0:
                     C = b_advantages[:, p : p + 1] - coupling
                     x = prox_x_update(
                         C,
                         prox_steps[p],
-                        model.J(prox_steps[p]),
+                        kept_log_ratios[p],
                         model.J_transpose,
                         model.fisher_product,
                         lambda c: conjugate_gradient(model.fisher_product, c, args.cg_iters),
@@ -767,16 +771,17 @@ if __name__ == "__main__":
                         degree,
                         args.kl_threshold,
                     )
-                    prox_steps[p] = x
                     vector_to_parameters(model.theta_old + x, params)
-                    return model.J(x).detach()
-                rho_degree = args.admm_rho * degree
-                theta, steps = linearized_x_update(model, b_advantages[:, p], coupling, rho_degree, args)
+                    prox_steps[p], kept_log_ratios[p] = x, model.J(x).detach()
+                    return kept_log_ratios[p]
+                theta, log_ratios, steps = linearized_x_update(
+                    model, b_advantages[:, p], coupling, args.admm_rho * degree, args
+                )
                 line_search_steps[p].append(steps)
                 if theta is not None:
                     vector_to_parameters(theta, params)
-                with torch.no_grad():
-                    return model.log_ratios(parameters_to_vector(params))
+                    kept_log_ratios[p] = log_ratios
+                return kept_log_ratios[p]
 
             metrics = {}
             if args.mode == "admm":

@@ -209,7 +209,10 @@ def test_linearized_step_matches_a_naive_reimplementation():
     for kl_threshold, scale in [(0.01, 0.0), (0.01, 0.3), (0.5, 0.3)]:
         coupling = scale * torch.randn(12, 3, dtype=torch.float64, generator=generator)
         args = type("Args", (), dict(cg_iters=200, kl_threshold=kl_threshold, ls_steps=10, backtrack_coef=0.5))
-        theta, steps = matrpo.linearized_x_update(model, advantages, coupling, 2.0 * (scale > 0), args)
+        theta, theta_log_ratios, steps = matrpo.linearized_x_update(
+            model, advantages, coupling, 2.0 * (scale > 0), args
+        )
+        torch.testing.assert_close(theta_log_ratios, log_ratios(theta))
 
         b = torch.einsum("tkp,tk->p", jacobian, advantages[:, None] - coupling) / 12
         s = torch.linalg.solve(fisher, b)
@@ -236,9 +239,9 @@ def test_linearized_step_without_an_improving_fraction_returns_none():
     args = type("Args", (), dict(cg_iters=10, kl_threshold=0.01, ls_steps=3, backtrack_coef=0.5))
     advantages = torch.randn(12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     coupling = torch.zeros(12, 3, dtype=torch.float64)
-    theta, steps = matrpo.linearized_x_update(model, advantages, coupling, 1e6, args)
-    assert theta is None and steps == 3
-    theta, steps = matrpo.linearized_x_update(model, advantages, coupling, 0.0, args)
+    theta, log_ratios, steps = matrpo.linearized_x_update(model, advantages, coupling, 1e6, args)
+    assert theta is None and log_ratios is None and steps == 3
+    theta, _, steps = matrpo.linearized_x_update(model, advantages, coupling, 0.0, args)
     assert theta is not None and steps < 3  # the same step without the penalty is accepted
 
 
