@@ -383,9 +383,8 @@ def linearized_x_update(model: LocalModel, advantages, coupling, rho_degree: flo
             dist = model.distribution(theta)
             log_ratios = model.log_ratios(theta, dist)
             kl = kl_divergence(model.dist_old, dist).mean()
-            if kl <= 1.5 * args.kl_threshold and local_lagrangian(log_ratios, advantages, coupling, rho_degree) >= (
-                lagrangian_old
-            ):
+            lagrangian = local_lagrangian(log_ratios, advantages, coupling, rho_degree)
+            if kl <= 1.5 * args.kl_threshold and lagrangian >= lagrangian_old:
                 return theta, log_ratios, steps
     return None, None, args.ls_steps
 
