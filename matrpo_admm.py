@@ -346,8 +346,10 @@ class LocalModel:
         params = {n: c.view(s) for n, c, s in zip(self.names, chunks, self.shapes)}
         return self.policy.distribution_from(functional_call(self.policy, params, (self.obs,)))
 
-    def log_ratios(self, theta: torch.Tensor, dist=None) -> torch.Tensor:
-        dist = self.distribution(theta) if dist is None else dist
+    def log_ratios(self, theta: torch.Tensor) -> torch.Tensor:
+        return self.log_ratios_of(self.distribution(theta))
+
+    def log_ratios_of(self, dist) -> torch.Tensor:
         return dist.base_dist.log_prob(self.actions) - self.logp_old
 
     def J(self, v: torch.Tensor) -> torch.Tensor:
@@ -381,7 +383,7 @@ def linearized_x_update(model: LocalModel, advantages, coupling, rho_degree: flo
         for steps in range(args.ls_steps):
             theta = model.theta_old + args.backtrack_coef**steps * full_step
             dist = model.distribution(theta)
-            log_ratios = model.log_ratios(theta, dist)
+            log_ratios = model.log_ratios_of(dist)
             kl = kl_divergence(model.dist_old, dist).mean()
             lagrangian = local_lagrangian(log_ratios, advantages, coupling, rho_degree)
             if kl <= 1.5 * args.kl_threshold and lagrangian >= lagrangian_old:
@@ -806,7 +808,7 @@ if __name__ == "__main__":
             with torch.no_grad():
                 for p, (model, policy) in enumerate(zip(models, policies)):
                     dist = policy.distribution(b_obs[p])
-                    logratio = model.log_ratios(None, dist).sum(1)
+                    logratio = model.log_ratios_of(dist).sum(1)  # of the joint action
                     metrics[f"agent{p}/policy_loss"] = -(logratio.exp() * b_advantages[:, p]).mean().item()
                     metrics[f"agent{p}/entropy"] = dist.entropy().mean().item()
                     metrics[f"agent{p}/approx_kl"] = ((logratio.exp() - 1) - logratio).mean().item()
@@ -818,16 +820,9 @@ if __name__ == "__main__":
             # critics: each fits V^i to its own returns
             value_losses, explained = [], []
             for p, (critic, optimizer) in enumerate(zip(critics, critic_optimizers)):
+                batch = (b_obs[p], b_returns[:, p])
                 value_losses.append(
-                    fit_critic(
-                        critic,
-                        optimizer,
-                        b_obs[p],
-                        b_returns[:, p],
-                        args.critic_epochs,
-                        args.critic_minibatch_size,
-                        rng,
-                    )  # fmt: skip
+                    fit_critic(critic, optimizer, *batch, args.critic_epochs, args.critic_minibatch_size, rng)
                 )
                 var_returns = b_returns[:, p].var().item()
                 if var_returns > 0:
