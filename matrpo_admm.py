@@ -99,7 +99,7 @@ class Args:
     cg_damping: float = 0.01
     """the damping added to the Fisher matrix F"""
     fisher_subsample: int = 5
-    """the Fisher-vector products use every fisher_subsample-th sample of the batch (the authors' code: 5)"""
+    """the Fisher-vector products use every fisher_subsample-th step of each env (authors' code: every 5th sample)"""
     critic_learning_rate: float = 3e-4
     """Adam learning rate of the critics"""
     critic_epochs: int = 3
@@ -331,7 +331,7 @@ class LocalModel:
     l[t, k] = log pi_k(a^k_t | o_t; theta) - log pi_k(a^k_t | o_t; theta_old), the products J v and J^T u of its
     Jacobian J = dl/dtheta at theta_old, and the Fisher-vector product. J itself is never formed."""
 
-    def __init__(self, policy: JointPolicy, obs, actions, damping: float, fisher_subsample: int):
+    def __init__(self, policy: JointPolicy, obs, actions, fisher_obs, damping: float):
         self.policy, self.obs, self.actions = policy, obs, actions
         self.names, self.shapes = zip(*[(name, p.shape) for name, p in policy.named_parameters()])
         self.theta_old = parameters_to_vector(policy.parameters()).detach()
@@ -339,7 +339,7 @@ class LocalModel:
             self.dist_old = policy.distribution(obs)
             self.logp_old = self.dist_old.base_dist.log_prob(actions)
         _, self.pullback = vjp(self.log_ratios, self.theta_old)
-        self.fisher_product = fisher_vector_product(policy, obs[::fisher_subsample], damping)
+        self.fisher_product = fisher_vector_product(policy, fisher_obs, damping)
 
     def distribution(self, theta: torch.Tensor):
         chunks = theta.split([shape.numel() for shape in self.shapes])
@@ -747,8 +747,11 @@ if __name__ == "__main__":
 
             # policy iteration: each agent linearises its policy at theta_old on its own batch
             update_start = time.time()
+            # the Fisher matrix on every fisher_subsample-th step of every env (a stride over the flat batch could pick
+            # only some of the envs, and underestimate the KL)
+            fisher_obs = [o[:: args.fisher_subsample].reshape(-1, o.shape[-1]) for o in obs]
             models = [
-                LocalModel(policy, b_obs[p], b_actions[:, heads[p]], args.cg_damping, args.fisher_subsample)
+                LocalModel(policy, b_obs[p], b_actions[:, heads[p]], fisher_obs[p], args.cg_damping)
                 for p, policy in enumerate(policies)
             ]
             line_search_steps = [[] for _ in policies]

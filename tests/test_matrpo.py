@@ -136,7 +136,7 @@ def tiny_model(num_heads: int = 3, seed: int = 0, fisher_subsample: int = 1):
             param.add_(0.5 * torch.randn_like(param))
     obs = torch.randn(12, 4, dtype=torch.float64)
     actions = torch.randint(0, 5, (12, num_heads))
-    return policy, obs, actions, matrpo.LocalModel(policy, obs, actions, 0.01, fisher_subsample)
+    return policy, obs, actions, matrpo.LocalModel(policy, obs, actions, obs[::fisher_subsample], 0.01)
 
 
 def explicit_log_ratios(policy, obs, actions):
