@@ -284,5 +284,6 @@ def test_mode_runs_two_iterations(flags, tmp_path):
         private = [line[f"agent{i}/episodic_return"] for i in range(3)]
         assert line["charts/episodic_return"] == pytest.approx(sum(private))
         assert private[0] < min(private[1:]) - 1
-        # every policy kept its KL within the line search's 1.5 delta (prox: within the quadratic model's bound)
-        assert all(0 < line[f"agent{p}/kl"] <= 1.5 * 0.003 for p in range(learners))
+        assert all(line[f"agent{p}/kl"] > 0 for p in range(learners))  # every policy moved
+        if "prox" not in flags:  # the line search keeps the KL within 1.5 delta (prox has no line search)
+            assert all(line[f"agent{p}/kl"] <= 1.5 * 0.003 for p in range(learners))
