@@ -367,7 +367,9 @@ def local_lagrangian(log_ratios, advantages, coupling, rho_degree: float) -> tor
     return surrogate - ((coupling * log_ratios).sum() + rho_degree / 2 * (log_ratios**2).sum()) / len(advantages)
 
 
-def linearized_x_update(model: LocalModel, advantages, coupling, rho_degree: float, args) -> tuple:
+def linearized_x_update(
+    model: LocalModel, advantages, coupling, rho_degree: float, kl_threshold, cg_iters, ls_steps, backtrack_coef
+) -> tuple:
     """`--x-update linearized` (the authors' code), from theta_old: b = (1/N) J^T vec(C) with C = A 1^T - D, the
     natural-gradient step s = (F + damping I)^{-1} b scaled to the KL bound, x = sqrt(2 delta / b^T s) s, then a
     backtracking line search that accepts the first fraction with mean KL <= 1.5 delta whose local augmented
@@ -375,20 +377,20 @@ def linearized_x_update(model: LocalModel, advantages, coupling, rho_degree: flo
     and the number of fractions rejected."""
     C = advantages[:, None] - coupling
     b = model.J_transpose(C / len(advantages))
-    s = conjugate_gradient(model.fisher_product, b, args.cg_iters)
+    s = conjugate_gradient(model.fisher_product, b, cg_iters)
     b_s = b @ s
-    full_step = s * torch.sqrt(2 * args.kl_threshold / b_s) if b_s > 0 else torch.zeros_like(s)
+    full_step = s * torch.sqrt(2 * kl_threshold / b_s) if b_s > 0 else torch.zeros_like(s)
     with torch.no_grad():
         lagrangian_old = local_lagrangian(torch.zeros_like(C), advantages, coupling, rho_degree)
-        for steps in range(args.ls_steps):
-            theta = model.theta_old + args.backtrack_coef**steps * full_step
+        for steps in range(ls_steps):
+            theta = model.theta_old + backtrack_coef**steps * full_step
             dist = model.distribution(theta)
             log_ratios = model.log_ratios_of(dist)
             kl = kl_divergence(model.dist_old, dist).mean()
             lagrangian = local_lagrangian(log_ratios, advantages, coupling, rho_degree)
-            if kl <= 1.5 * args.kl_threshold and lagrangian >= lagrangian_old:
+            if kl <= 1.5 * kl_threshold and lagrangian >= lagrangian_old:
                 return theta, log_ratios, steps
-    return None, None, args.ls_steps
+    return None, None, ls_steps
 
 
 def prox_x_update(C, x_prev, l_prev, J_transpose: Callable, fisher_product: Callable, solve: Callable,
@@ -779,7 +781,14 @@ if __name__ == "__main__":
                     prox_steps[p], kept_log_ratios[p] = x, model.J(x).detach()
                     return kept_log_ratios[p]
                 theta, log_ratios, steps = linearized_x_update(
-                    model, b_advantages[:, p], coupling, args.admm_rho * degree, args
+                    model,
+                    b_advantages[:, p],
+                    coupling,
+                    args.admm_rho * degree,
+                    args.kl_threshold,
+                    args.cg_iters,
+                    args.ls_steps,
+                    args.backtrack_coef,
                 )
                 line_search_steps[p].append(steps)
                 if theta is not None:

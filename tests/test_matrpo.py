@@ -199,8 +199,7 @@ def test_linearized_step_matches_a_naive_reimplementation():
     dist_old = policy.distribution(obs)
 
     def distribution(theta):
-        vector = theta.clone()
-        torch.nn.utils.vector_to_parameters(vector, policy.parameters())
+        torch.nn.utils.vector_to_parameters(theta, policy.parameters())
         with torch.no_grad():
             dist = policy.distribution(obs)
         torch.nn.utils.vector_to_parameters(theta_old, policy.parameters())
@@ -208,9 +207,9 @@ def test_linearized_step_matches_a_naive_reimplementation():
 
     for kl_threshold, scale in [(0.01, 0.0), (0.01, 0.3), (0.5, 0.3)]:
         coupling = scale * torch.randn(12, 3, dtype=torch.float64, generator=generator)
-        args = type("Args", (), dict(cg_iters=200, kl_threshold=kl_threshold, ls_steps=10, backtrack_coef=0.5))
+        rho_degree = 2.0 * (scale > 0)
         theta, theta_log_ratios, steps = matrpo.linearized_x_update(
-            model, advantages, coupling, 2.0 * (scale > 0), args
+            model, advantages, coupling, rho_degree, kl_threshold, 200, 10, 0.5
         )
         torch.testing.assert_close(theta_log_ratios, log_ratios(theta))
 
@@ -219,7 +218,7 @@ def test_linearized_step_matches_a_naive_reimplementation():
         full_step = s * torch.sqrt(2 * kl_threshold / (b @ s))
 
         def lagrangian(theta):
-            return matrpo.local_lagrangian(log_ratios(theta).detach(), advantages, coupling, 2.0 * (scale > 0)).item()
+            return matrpo.local_lagrangian(log_ratios(theta).detach(), advantages, coupling, rho_degree).item()
 
         for expected_steps in range(10):
             candidate = theta_old + 0.5**expected_steps * full_step
@@ -236,12 +235,11 @@ def test_linearized_step_matches_a_naive_reimplementation():
 def test_linearized_step_without_an_improving_fraction_returns_none():
     """A penalty rho d so large that every fraction tried overshoots: the augmented Lagrangian falls."""
     policy, obs, actions, model = tiny_model()
-    args = type("Args", (), dict(cg_iters=10, kl_threshold=0.01, ls_steps=3, backtrack_coef=0.5))
     advantages = torch.randn(12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     coupling = torch.zeros(12, 3, dtype=torch.float64)
-    theta, log_ratios, steps = matrpo.linearized_x_update(model, advantages, coupling, 1e6, args)
+    theta, log_ratios, steps = matrpo.linearized_x_update(model, advantages, coupling, 1e6, 0.01, 10, 3, 0.5)
     assert theta is None and log_ratios is None and steps == 3
-    theta, _, steps = matrpo.linearized_x_update(model, advantages, coupling, 0.0, args)
+    theta, _, steps = matrpo.linearized_x_update(model, advantages, coupling, 0.0, 0.01, 10, 3, 0.5)
     assert theta is not None and steps < 3  # the same step without the penalty is accepted
 
 
