@@ -176,7 +176,7 @@ class MPEPrivateEnv(gym.Env):
         self.mpe_env = module.raw_env(N=num_agents, local_ratio=1.0, max_cycles=max_cycles, render_mode=render_mode)
         self.agents = self.mpe_env.possible_agents
         self.render_mode = render_mode
-        # observation: velocity 2, position 2, landmarks 2N, other agents 2(N-1), then communication 2(N-1)
+        # observation: velocity 2, position 2, landmarks 2n, other agents 2(n-1), then communication 2(n-1)
         self.obs_size = 4 + 2 * num_agents + 2 * (num_agents - 1)
         box = gym.spaces.Box(-np.inf, np.inf, (self.obs_size,), np.float32)
         state = gym.spaces.Box(-np.inf, np.inf, (num_agents * self.obs_size,), np.float32)
