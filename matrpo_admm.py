@@ -81,7 +81,8 @@ class Args:
     edge_order: str = "random"
     """which edge each ADMM iteration activates: random (uniformly) or round-robin"""
     x_update: str = "linearized"
-    """the ADMM policy step: linearized (the authors' code, a TRPO step on the local augmented Lagrangian) or prox"""
+    """the ADMM policy step: linearized (the authors' code, a TRPO step on the local augmented Lagrangian) or prox
+    (the baselines always take TRPO's step; they also ignore the admm_* and edge_order settings)"""
     advantage_norm: str = "pooled"
     """pooled: one mean and std over all agents' advantages (the authors' code); local: each agent its own"""
     gamma: float = 0.995
@@ -207,6 +208,14 @@ class MPEPrivateEnv(gym.Env):
         self.mpe_env.close()
 
 
+def step_private_rewards(infos: dict, done: np.ndarray) -> np.ndarray:
+    """The private rewards r^i of a vector step (envs x agents). Where an episode ended, the step's info went to
+    final_info (gymnasium's same-step autoreset) and infos holds the reset's."""
+    if not done.any():
+        return infos["private_rewards"]
+    return np.where(done[:, None], infos["final_info"]["private_rewards"], infos["private_rewards"])
+
+
 def make_env(num_agents: int, max_cycles: int, render_mode: str | None = None):
     def thunk():
         return MPEPrivateEnv(num_agents, max_cycles, render_mode)
@@ -285,6 +294,14 @@ def compute_gae(rewards, values, next_values, terminations, dones, gamma: float,
     return advantages, advantages + values
 
 
+def normalize_advantages(advantages: torch.Tensor, how: str) -> torch.Tensor:
+    """advantages: (samples, policies). pooled: one mean and std over all policies' advantages (two scalars the agents
+    could agree on by average consensus, as the authors' code); local: each policy's own."""
+    if how == "pooled":
+        return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    return (advantages - advantages.mean(0)) / (advantages.std(0) + 1e-8)
+
+
 def conjugate_gradient(matrix_vector_product: Callable, b: torch.Tensor, iters: int, residual_tol: float = 1e-10):
     """Approximately solve A x = b for a symmetric positive definite A given as the function x -> A x."""
     x, r, p = torch.zeros_like(b), b.clone(), b.clone()  # solution, residual b - A x, search direction
@@ -360,9 +377,9 @@ class LocalModel:
 
 
 def local_lagrangian(log_ratios, advantages, coupling, rho_degree: float) -> torch.Tensor:
-    """Agent i's augmented Lagrangian, up to a constant: mean_t[r_t A_t] - (1/N) (<D, l> + rho d_i / 2 |l|^2), with
-    the joint ratio r_t = exp(sum_k l_tk) and D = sum_{e at i} w_ei (lambda_ei - rho z_ei) = A 1^T - C from the edges.
-    Without edges (D = 0, d = 0) it is TRPO's surrogate."""
+    """Agent q's augmented Lagrangian, up to a constant: mean_t[r_t A_t] - (1/N) (<D, l> + rho d / 2 |l|^2), with the
+    joint ratio r_t = exp(sum_k l_tk), d the agent's degree and D its coupling with its edges,
+    D = sum_{e at q} w_eq (lambda_eq - rho z_eq) (so that C = A 1^T - D). Without edges it is TRPO's surrogate."""
     surrogate = (log_ratios.sum(1).exp() * advantages).mean()
     return surrogate - ((coupling * log_ratios).sum() + rho_degree / 2 * (log_ratios**2).sum()) / len(advantages)
 
@@ -405,6 +422,46 @@ def prox_x_update(C, x_prev, l_prev, J_transpose: Callable, fisher_product: Call
     return min(1 / (rho * degree), math.sqrt(2 * kl_threshold / c_s) if c_s > 0 else 0.0) * s
 
 
+def policy_step(model: LocalModel, advantages, coupling, degree: int, state: dict, args: Args) -> torch.Tensor:
+    """Agent q's policy step in the ADMM loop, given its coupling D_q and degree d_q (the baselines: D = 0, d = 0).
+    Sets the policy's parameters and returns its log-ratio matrix l_q. state holds what the agent carries from one
+    activation to the next: its log-ratios, the prox update's x^k, and its line search counts. A rejected linearized
+    step changes nothing: the agent keeps the parameters and log-ratios of its last accepted step (theta_old, l = 0
+    if none), so it does not announce l = 0 to its neighbours after a failed step."""
+    params = list(model.policy.parameters())
+    if args.x_update == "prox" and degree > 0:
+        x_prev = torch.zeros_like(model.theta_old) if state["prox_step"] is None else state["prox_step"]
+        x = prox_x_update(
+            advantages[:, None] - coupling,
+            x_prev,
+            state["log_ratios"],
+            model.J_transpose,
+            model.fisher_product,
+            lambda c: conjugate_gradient(model.fisher_product, c, args.cg_iters),
+            args.admm_rho,
+            degree,
+            args.kl_threshold,
+        )
+        vector_to_parameters(model.theta_old + x, params)
+        state["prox_step"], state["log_ratios"] = x, model.J(x).detach()
+        return state["log_ratios"]
+    theta, log_ratios, steps = linearized_x_update(
+        model,
+        advantages,
+        coupling,
+        args.admm_rho * degree,
+        args.kl_threshold,
+        args.cg_iters,
+        args.ls_steps,
+        args.backtrack_coef,
+    )
+    state["line_search_steps"].append(steps)
+    if theta is not None:
+        vector_to_parameters(theta, params)
+        state["log_ratios"] = log_ratios
+    return state["log_ratios"]
+
+
 def edge_update(lam_i, lam_j, l_i, l_j, rho: float) -> tuple:
     """The closed-form estimator and dual update on the active edge e = (i, j), w_ei = +1, w_ej = -1: the minimiser of
     the edge's augmented Lagrangian over z_ei + z_ej = 0, then the dual step. Returns z_ei, z_ej and the common new
@@ -417,8 +474,9 @@ def admm_consensus(
     policy_steps: list[Callable], zero: torch.Tensor, edges, rho: float, iters: int, edge_order: str, rng
 ) -> dict:
     """Asynchronous edge-based ADMM (Wei & Ozdaglar 2013) on the agents' linearised problems: every iteration
-    activates one edge e = (i, j); both endpoints q take a policy step, policy_steps[q](D_q, d_q) -> l_q, on their
-    local augmented Lagrangian; then they exchange l and lambda over e and update the edge's estimators z and duals.
+    activates one edge e = (i, j); both endpoints q take a policy step on their local augmented Lagrangian,
+    policy_steps[q](coupling D_q, degree d_q) -> l_q; then they exchange l and lambda over e and update the edge's
+    estimators z and duals.
     Starts from z = lambda = l = zero, the zero log-ratio matrix (N x n). Returns the final l and the residuals."""
     num_agents = len(policy_steps)
     sign = {(e, q): 1.0 if q == edge[0] else -1.0 for e, edge in enumerate(edges) for q in edge}  # w_eq
@@ -430,7 +488,7 @@ def admm_consensus(
         e = int(rng.integers(len(edges))) if edge_order == "random" else k % len(edges)
         for q in edges[e]:
             incident = [f for f, edge in enumerate(edges) if q in edge]
-            coupling = sum(sign[f, q] * (lam[f, q] - rho * z[f, q]) for f in incident)  # D_q = A 1^T - C_q
+            coupling = sum(sign[f, q] * (lam[f, q] - rho * z[f, q]) for f in incident)  # D_q
             log_ratios[q] = policy_steps[q](coupling, len(incident))
 
         # ---- the exchange: the only information that crosses between agents in MATRPO --------------------------
@@ -498,11 +556,11 @@ def save_checkpoint(checkpoint: dict, path: str):
 
 def joint_action(policies, obs_keys, executors, obs: dict, deterministic: bool, device) -> torch.Tensor:
     """The executed joint action (batch, agents): agent k plays head executors[k] = (policy, head) of that policy."""
-    heads = []
+    chosen = []  # each policy's actions for the agents it models
     for policy, key in zip(policies, obs_keys):
         dist = policy.distribution(torch.as_tensor(obs[key], device=device))
-        heads.append(dist.base_dist.probs.argmax(-1) if deterministic else dist.sample())
-    return torch.stack([heads[p][..., h] for p, h in executors], -1)
+        chosen.append(dist.base_dist.probs.argmax(-1) if deterministic else dist.sample())
+    return torch.stack([chosen[p][..., h] for p, h in executors], -1)
 
 
 def evaluate_team(policies, obs_keys, executors, env: gym.Env, num_episodes: int, seed: int, device) -> np.ndarray:
@@ -583,18 +641,20 @@ if __name__ == "__main__":
     n = len(agents)
     num_actions = envs.single_action_space[0].n
 
-    # Who learns what. admm: agent i models the joint action from o^i with its private reward; independent: agent i
-    # models only its own action; centralized: one policy on the global state (all observations), team reward.
+    # Who learns what: each policy's observation, the agents it models (its heads) and, for each agent, the (policy,
+    # head) that acts for it. admm: agent i models the joint action from o^i with its private reward; independent:
+    # agent i models only its own action; centralized: one policy on the global state (all observations), team reward.
     if args.mode == "centralized":
-        obs_keys, heads, executors = ["state"], [list(range(n))], [(0, k) for k in range(n)]
+        obs_keys, modelled_agents, executors = ["state"], [list(range(n))], [(0, k) for k in range(n)]
     elif args.mode == "independent":
-        obs_keys, heads, executors = list(agents), [[i] for i in range(n)], [(i, 0) for i in range(n)]
+        obs_keys, modelled_agents, executors = list(agents), [[i] for i in range(n)], [(i, 0) for i in range(n)]
     else:
-        obs_keys, heads, executors = list(agents), [list(range(n))] * n, [(i, i) for i in range(n)]
+        obs_keys, modelled_agents, executors = list(agents), [list(range(n))] * n, [(i, i) for i in range(n)]
     num_policies = len(obs_keys)
     obs_sizes = [envs.single_observation_space[key].shape[0] for key in obs_keys]
     policies = [
-        JointPolicy(size, len(h), num_actions, args.hidden_sizes).to(device) for size, h in zip(obs_sizes, heads)
+        JointPolicy(size, len(h), num_actions, args.hidden_sizes).to(device)
+        for size, h in zip(obs_sizes, modelled_agents)
     ]
     critics = [ValueNetwork(size, args.hidden_sizes).to(device) for size in obs_sizes]
     critic_optimizers = [torch.optim.Adam(c.parameters(), lr=args.critic_learning_rate) for c in critics]
@@ -701,7 +761,9 @@ if __name__ == "__main__":
             # rollout
             finished_returns, finished_lengths = [], []
             with torch.no_grad():
-                next_value = torch.stack([c(torch.as_tensor(next_obs[k])) for c, k in zip(critics, obs_keys)], -1)
+                next_value = torch.stack(
+                    [c(torch.as_tensor(next_obs[k], device=device)) for c, k in zip(critics, obs_keys)], -1
+                )
                 for step in range(T):
                     global_step += E
                     for p, key in enumerate(obs_keys):
@@ -711,15 +773,13 @@ if __name__ == "__main__":
 
                     next_obs, _, terminated, truncated, infos = envs.step(tuple(actions[step].T.cpu().numpy()))
                     done = terminated | truncated
-                    # r^i: the final step of an ended episode reports in final_info (the autoreset moved it there)
-                    private = infos["private_rewards"]
-                    if done.any():
-                        private = np.where(done[:, None], infos["final_info"]["private_rewards"], private)
-                    private = torch.as_tensor(private, dtype=torch.float, device=device)
+                    private = torch.as_tensor(step_private_rewards(infos, done), dtype=torch.float, device=device)
                     rewards[step] = private.sum(-1, keepdim=True) if args.mode == "centralized" else private
                     terminations[step] = torch.as_tensor(terminated, device=device)
                     dones[step] = torch.as_tensor(done, device=device)
-                    next_value = torch.stack([c(torch.as_tensor(next_obs[k])) for c, k in zip(critics, obs_keys)], -1)
+                    next_value = torch.stack(
+                        [c(torch.as_tensor(next_obs[k], device=device)) for c, k in zip(critics, obs_keys)], -1
+                    )
                     # V(s_{t+1}) of the true next state: where an episode ended, its final state, not the reset one
                     next_values[step] = next_value
                     for j in np.flatnonzero(done):
@@ -738,14 +798,11 @@ if __name__ == "__main__":
                     rewards, values, next_values, terminations[..., None], dones[..., None], args.gamma, args.gae_lambda
                 )
 
-            # flatten the batch; normalise the advantages with one pooled mean and std, or per policy
+            # flatten the batch
             b_obs = [o.reshape(-1, o.shape[-1]) for o in obs]
             b_actions = actions.reshape(-1, n)
-            b_advantages, b_returns = advantages.reshape(-1, num_policies), returns.reshape(-1, num_policies)
-            if args.advantage_norm == "pooled":
-                b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std() + 1e-8)
-            else:
-                b_advantages = (b_advantages - b_advantages.mean(0)) / (b_advantages.std(0) + 1e-8)
+            b_advantages = normalize_advantages(advantages.reshape(-1, num_policies), args.advantage_norm)
+            b_returns = returns.reshape(-1, num_policies)
 
             # policy iteration: each agent linearises its policy at theta_old on its own batch
             update_start = time.time()
@@ -753,53 +810,23 @@ if __name__ == "__main__":
             # only some of the envs, and underestimate the KL)
             fisher_obs = [o[:: args.fisher_subsample].reshape(-1, o.shape[-1]) for o in obs]
             models = [
-                LocalModel(policy, b_obs[p], b_actions[:, heads[p]], fisher_obs[p], args.cg_damping)
+                LocalModel(policy, b_obs[p], b_actions[:, modelled_agents[p]], fisher_obs[p], args.cg_damping)
                 for p, policy in enumerate(policies)
             ]
-            line_search_steps = [[] for _ in policies]
-            kept_log_ratios = [torch.zeros_like(model.logp_old) for model in models]  # l at the kept parameters
-            prox_steps = [torch.zeros_like(model.theta_old) for model in models]  # x^k of the prox update
-
-            def policy_step(p: int, coupling, degree: int) -> torch.Tensor:
-                """Agent p's step on its local augmented Lagrangian; sets its parameters and returns its log-ratio
-                matrix l_p. A rejected linearized step keeps the last accepted parameters."""
-                model, params = models[p], list(policies[p].parameters())
-                if args.x_update == "prox" and degree > 0:
-                    C = b_advantages[:, p : p + 1] - coupling
-                    x = prox_x_update(
-                        C,
-                        prox_steps[p],
-                        kept_log_ratios[p],
-                        model.J_transpose,
-                        model.fisher_product,
-                        lambda c: conjugate_gradient(model.fisher_product, c, args.cg_iters),
-                        args.admm_rho,
-                        degree,
-                        args.kl_threshold,
-                    )
-                    vector_to_parameters(model.theta_old + x, params)
-                    prox_steps[p], kept_log_ratios[p] = x, model.J(x).detach()
-                    return kept_log_ratios[p]
-                theta, log_ratios, steps = linearized_x_update(
-                    model,
-                    b_advantages[:, p],
-                    coupling,
-                    args.admm_rho * degree,
-                    args.kl_threshold,
-                    args.cg_iters,
-                    args.ls_steps,
-                    args.backtrack_coef,
-                )
-                line_search_steps[p].append(steps)
-                if theta is not None:
-                    vector_to_parameters(theta, params)
-                    kept_log_ratios[p] = log_ratios
-                return kept_log_ratios[p]
+            states = [
+                {"log_ratios": torch.zeros_like(model.logp_old), "prox_step": None, "line_search_steps": []}
+                for model in models
+            ]
 
             metrics = {}
             if args.mode == "admm":
                 result = admm_consensus(
-                    [lambda D, degree, p=p: policy_step(p, D, degree) for p in range(num_policies)],
+                    [
+                        lambda coupling, degree, p=p: policy_step(
+                            models[p], b_advantages[:, p], coupling, degree, states[p], args
+                        )
+                        for p in range(num_policies)
+                    ],
                     torch.zeros(args.batch_size, n, device=device),
                     edges,
                     args.admm_rho,
@@ -813,7 +840,7 @@ if __name__ == "__main__":
                     metrics[f"admm/consensus_residual_{i}_{j}"] = residual
             else:  # the baselines: one TRPO step per policy
                 for p, model in enumerate(models):
-                    policy_step(p, torch.zeros_like(model.logp_old), 0)
+                    policy_step(model, b_advantages[:, p], torch.zeros_like(model.logp_old), 0, states[p], args)
             update_seconds = time.time() - update_start
 
             # policy statistics at the parameters each agent kept
@@ -825,8 +852,8 @@ if __name__ == "__main__":
                     metrics[f"agent{p}/entropy"] = dist.entropy().mean().item()
                     metrics[f"agent{p}/approx_kl"] = ((logratio.exp() - 1) - logratio).mean().item()
                     metrics[f"agent{p}/kl"] = kl_divergence(model.dist_old, dist).mean().item()
-                    if line_search_steps[p]:
-                        metrics[f"agent{p}/line_search_steps"] = float(np.mean(line_search_steps[p]))
+                    if states[p]["line_search_steps"]:
+                        metrics[f"agent{p}/line_search_steps"] = float(np.mean(states[p]["line_search_steps"]))
             del models  # frees the autodiff graphs kept for J^T
 
             # critics: each fits V^i to its own returns

@@ -6,6 +6,7 @@ then every mode end to end."""
 import itertools
 import math
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -45,6 +46,42 @@ def test_private_rewards_split_the_landmark_term_and_the_collisions():
         if terminated or truncated:
             break
     assert truncated and collided > 0  # a 100-step episode, and the collision branch was exercised
+
+
+def test_private_rewards_of_a_vector_step_include_the_steps_that_end_episodes():
+    """3-step episodes in a same-step-autoreset vector env: the private rewards read from its infos equal those of the
+    same envs stepped one by one, also on the steps that end an episode (where the infos hold the reset's zeros)."""
+    vector = gym.vector.SyncVectorEnv(
+        [matrpo.make_env(3, 3) for _ in range(2)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+    )
+    singles = [matrpo.make_env(3, 3)() for _ in range(2)]
+    vector.reset(seed=5)
+    for i, env in enumerate(singles):
+        env.reset(seed=5 + i)
+    rng, ended = np.random.default_rng(0), 0
+    for _ in range(7):
+        actions = rng.integers(0, 5, size=(3, 2))
+        _, _, terminated, truncated, infos = vector.step(tuple(actions))
+        private = matrpo.step_private_rewards(infos, terminated | truncated)
+        for i, env in enumerate(singles):
+            _, _, single_terminated, single_truncated, info = env.step(tuple(actions[:, i]))
+            np.testing.assert_array_equal(private[i], info["private_rewards"])
+            assert info["private_rewards"][0] < 0  # the landmark term: never zero, so a reset's zeros would show
+            if single_terminated or single_truncated:
+                env.reset()
+        ended += (terminated | truncated).sum()
+    assert ended == 4  # both envs ended episodes at steps 3 and 6
+
+
+def test_advantage_normalisation_pooled_and_local():
+    generator = torch.Generator().manual_seed(0)
+    advantages = torch.randn(50, 3, generator=generator) * torch.tensor([5.0, 0.1, 1.0]) + torch.tensor([2.0, 0.0, -1])
+    a = advantages.numpy().astype(np.float64)
+    pooled = (a - a.mean()) / a.std(ddof=1)  # two scalars for all agents
+    local = (a - a.mean(0)) / a.std(0, ddof=1)
+    np.testing.assert_allclose(matrpo.normalize_advantages(advantages, "pooled").numpy(), pooled, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(matrpo.normalize_advantages(advantages, "local").numpy(), local, rtol=1e-4, atol=1e-5)
+    assert pooled[:, 1].std() < 0.1  # pooling keeps the agents' scales apart
 
 
 @pytest.mark.parametrize(("num_agents", "edges"), [(2, [(0, 1)]), (3, [(0, 1), (1, 2), (2, 0)]), (5, None)])
@@ -241,6 +278,38 @@ def test_linearized_step_without_an_improving_fraction_returns_none():
     assert theta is None and log_ratios is None and steps == 3
     theta, _, steps = matrpo.linearized_x_update(model, advantages, coupling, 0.0, 0.01, 10, 3, 0.5)
     assert theta is not None and steps < 3  # the same step without the penalty is accepted
+
+
+@pytest.mark.parametrize("x_update", ["linearized", "prox"])
+def test_admm_loop_brings_real_policies_to_agree(x_update):
+    """Three tiny joint policies on their own observations with different advantages, driven by the script's own
+    policy_step: after the loop, neighbours' log-ratio matrices differ far less with rho = 1 than with a negligible
+    rho, and every policy moved."""
+
+    def run(rho):
+        torch.manual_seed(0)
+        policies = [matrpo.JointPolicy(6, 3, 5, (16,)) for _ in range(3)]
+        obs = [torch.randn(64, 6) for _ in range(3)]
+        actions, advantages = torch.randint(0, 5, (64, 3)), torch.randn(64, 3)
+        models = [matrpo.LocalModel(policy, o, actions, o, 0.01) for policy, o in zip(policies, obs)]
+        states = [{"log_ratios": torch.zeros(64, 3), "prox_step": None, "line_search_steps": []} for _ in range(3)]
+        args = matrpo.Args(x_update=x_update, admm_rho=rho, kl_threshold=0.01)
+        steps = [
+            lambda coupling, degree, p=p: matrpo.policy_step(
+                models[p], advantages[:, p], coupling, degree, states[p], args
+            )
+            for p in range(3)
+        ]
+        result = matrpo.admm_consensus(steps, torch.zeros(64, 3), matrpo.ring_edges(3), rho, 60, "random",
+                                       np.random.default_rng(0))  # fmt: skip
+        moved = [not torch.equal(parameters_to_vector(policy.parameters()), model.theta_old) for policy, model in
+                 zip(policies, models)]  # fmt: skip
+        return max(result["consensus"].values()), min(result["consensus"].values()), all(moved)
+
+    coupled, _, coupled_moved = run(1.0)
+    _, uncoupled, uncoupled_moved = run(1e-4)
+    assert coupled_moved and uncoupled_moved
+    assert 0 < coupled < 0.1 * uncoupled, (coupled, uncoupled)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
