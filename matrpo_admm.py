@@ -430,10 +430,9 @@ def policy_step(model: LocalModel, advantages, coupling, degree: int, state: dic
     if none), so it does not announce l = 0 to its neighbours after a failed step."""
     params = list(model.policy.parameters())
     if args.x_update == "prox" and degree > 0:
-        x_prev = torch.zeros_like(model.theta_old) if state["prox_step"] is None else state["prox_step"]
         x = prox_x_update(
             advantages[:, None] - coupling,
-            x_prev,
+            state["prox_step"],
             state["log_ratios"],
             model.J_transpose,
             model.fisher_product,
@@ -813,8 +812,13 @@ if __name__ == "__main__":
                 LocalModel(policy, b_obs[p], b_actions[:, modelled_agents[p]], fisher_obs[p], args.cg_damping)
                 for p, policy in enumerate(policies)
             ]
+            # what each agent carries between activations: l at its kept parameters, x^k of the prox update
             states = [
-                {"log_ratios": torch.zeros_like(model.logp_old), "prox_step": None, "line_search_steps": []}
+                {
+                    "log_ratios": torch.zeros_like(model.logp_old),
+                    "prox_step": torch.zeros_like(model.theta_old),
+                    "line_search_steps": [],
+                }
                 for model in models
             ]
 
