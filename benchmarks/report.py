@@ -1,0 +1,239 @@
+"""Summarise the runs of a results folder (benchmarks/run.py) into CSV tables and learning-curve PNGs.
+
+    python benchmarks/report.py                         # benchmarks/results -> benchmarks/report
+    python benchmarks/report.py --results R --out O
+
+Runs with the same script, env id and flags are one configuration; its seeds are averaged. Writes
+    summary.csv     per configuration: seeds, final return (mean, std over seeds), evaluation return, steps,
+                    training wall time, env-steps/s
+    milestones.csv  per configuration (and the HARL anchors in --anchors): the return at 100k, 250k, 500k, 1M,
+                    2M, 5M, 10M steps, mean and std over seeds
+    curves/{env}.png  mean return and a band of +-1 std over seeds, against env steps and against wall time
+
+"Return at step s" is the mean of the logged `charts/episodic_return` values at steps in (s - window, s]; the final
+return is the same at the last logged step. Wall time counts training only (no evaluation, no work lost to a stop):
+the scripts log `charts/SPS` since their process started, and the runner records the step each process resumed from.
+"""
+
+import argparse
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+MILESTONES = (100_000, 250_000, 500_000, 1_000_000, 2_000_000, 5_000_000, 10_000_000)
+RETURN = "charts/episodic_return"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "report"))
+    parser.add_argument("--anchors", default=str(REPO / "benchmarks" / "anchors"), help="HARL curves, CSV files")
+    parser.add_argument("--window", type=int, default=25_000, help="env steps averaged into one return value")
+    return parser.parse_args(argv)
+
+
+def training_seconds(steps, sps, resumed_from_steps) -> np.ndarray:
+    """Training wall time at each logged step. Within one process, elapsed = (step - start step) / SPS; a resumed
+    process starts at the time its checkpoint's step was reached, so work done after that checkpoint and lost to the
+    stop is not counted."""
+    starts = sorted(resumed_from_steps)
+    seconds, base_step, base_time, last_time = [], 0, 0.0, 0.0
+    for step, rate in zip(steps, sps):
+        while starts and step > starts[0]:
+            base_step, base_time = starts.pop(0), last_time
+        last_time = base_time + (step - base_step) / rate
+        seconds.append(last_time)
+    return np.array(seconds)
+
+
+def window_mean(steps: np.ndarray, values: np.ndarray, at: float, window: float) -> float:
+    inside = (steps > at - window) & (steps <= at)
+    return float(values[inside].mean()) if inside.any() else math.nan
+
+
+def load_run(folder: Path) -> dict | None:
+    """One run of the runner: what it is, its return curve with wall times, its final evaluation, whether it is done."""
+    metrics_files = sorted((folder / "runs").glob("*/metrics.jsonl"), key=lambda p: p.stat().st_mtime)
+    if not (folder / "run.json").exists() or not metrics_files:
+        return None
+    run = json.loads((folder / "run.json").read_text())
+    lines = [json.loads(line) for line in metrics_files[-1].read_text().splitlines() if line.strip()]
+    timed = [m for m in lines if "charts/SPS" in m and m["charts/SPS"] > 0]
+    if not timed:
+        return None
+    segments = (
+        [json.loads(s) for s in (folder / "segments.jsonl").read_text().splitlines()]
+        if (folder / "segments.jsonl").exists()
+        else []
+    )
+    resumed = [s["resumed_from_step"] for s in segments if s.get("resumed_from_step") is not None]
+    steps = np.array([m["global_step"] for m in timed], dtype=float)
+    seconds = training_seconds(steps, [m["charts/SPS"] for m in timed], resumed)
+    with_return = [i for i, m in enumerate(timed) if RETURN in m]
+    evals = [m["eval/episodic_return"] for m in lines if "eval/episodic_return" in m]
+    return dict(
+        **run,
+        config=(run["script"], run["env_id"] or "default", " ".join(run["flags"])),
+        steps=steps[with_return],
+        seconds=seconds[with_return],
+        returns=np.array([timed[i][RETURN] for i in with_return], dtype=float),
+        last_step=int(steps[-1]),
+        wall_seconds=float(seconds[-1]),
+        eval_return=evals[-1] if evals else math.nan,
+        done=(folder / "done").exists(),
+    )
+
+
+def load_anchors(folder: Path) -> dict:
+    """HARL's training curves (benchmarks/anchors/harl_{env}_{discrete|continuous}.csv) as configurations."""
+    anchors = {}
+    for path in sorted(folder.glob("harl_*.csv")):
+        env_id = path.stem.removeprefix("harl_").rsplit("_", 1)[0]
+        flavour = path.stem.rsplit("_", 1)[1]
+        curves = defaultdict(lambda: ([], []))
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                if row["kind"] == "train":
+                    steps, returns = curves[(row["algo"], row["seed"])]
+                    steps.append(float(row["step"]))
+                    returns.append(float(row["return"]))
+        for (algo, seed), (steps, returns) in curves.items():
+            config = (f"HARL {algo}", env_id, flavour)
+            anchors.setdefault(config, []).append(
+                dict(seed=int(seed), steps=np.array(steps), returns=np.array(returns))
+            )
+    return anchors
+
+
+def mean_std(values) -> tuple[float, float]:
+    values = np.array([v for v in values if not math.isnan(v)], dtype=float)
+    if len(values) == 0:
+        return math.nan, math.nan
+    return float(values.mean()), float(values.std())
+
+
+def summarise(configs: dict, window: int) -> list[dict]:
+    rows = []
+    for (script, env_id, flags), runs in sorted(configs.items()):
+        final = [
+            window_mean(r["steps"], r["returns"], r["steps"][-1], window) if len(r["steps"]) else math.nan for r in runs
+        ]
+        final_mean, final_std = mean_std(final)
+        eval_mean, eval_std = mean_std([r["eval_return"] for r in runs])
+        rows.append(
+            dict(
+                script=script,
+                env_id=env_id,
+                flags=flags,
+                seeds=" ".join(str(r["seed"]) for r in runs),
+                finished=sum(r["done"] for r in runs),
+                final_return_mean=final_mean,
+                final_return_std=final_std,
+                eval_return_mean=eval_mean,
+                eval_return_std=eval_std,
+                steps_mean=float(np.mean([r["last_step"] for r in runs])),
+                wall_seconds_mean=float(np.mean([r["wall_seconds"] for r in runs])),
+                env_steps_per_second_mean=float(np.mean([r["last_step"] / r["wall_seconds"] for r in runs])),
+            )
+        )
+    return rows
+
+
+def milestones(configs: dict, window: int) -> list[dict]:
+    rows = []
+    for (script, env_id, flags), runs in sorted(configs.items()):
+        reached = min(r["steps"][-1] for r in runs if len(r["steps"])) if any(len(r["steps"]) for r in runs) else 0
+        for at in (s for s in MILESTONES if s <= reached):
+            mean, std = mean_std([window_mean(r["steps"], r["returns"], at, window) for r in runs])
+            row = dict(script=script, env_id=env_id, flags=flags, seeds=len(runs), step=at)
+            rows.append(row | dict(return_mean=mean, return_std=std))
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["empty"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
+
+
+def band(runs: list[dict], x_key: str, window: int, points: int = 200):
+    """Mean and std over seeds of each seed's smoothed curve, on a grid up to where every seed has data."""
+    end = min(r[x_key][-1] for r in runs)
+    grid = np.linspace(end / points, end, points)
+    curves = []
+    for r in runs:
+        smoothed = np.array([window_mean(r["steps"], r["returns"], s, window) for s in r["steps"]])
+        curves.append(np.interp(grid, r[x_key], smoothed))
+    curves = np.array(curves)
+    return grid, curves.mean(0), curves.std(0)
+
+
+def plot(env_id: str, configs: dict, anchors: dict, window: int, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_steps, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for (script, _, flags), runs in sorted(configs.items()):
+        label = f"{Path(script).stem} {flags} ({len(runs)} seeds)"
+        for axis, x_key in ((by_steps, "steps"), (by_time, "seconds")):
+            x, mean, std = band(runs, x_key, window)
+            x = x / 1e6 if x_key == "steps" else x / 60
+            (line,) = axis.plot(x, mean, label=label)
+            axis.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    for (name, _, flavour), runs in sorted(anchors.items()):
+        x, mean, std = band(runs, "steps", window)
+        (line,) = by_steps.plot(x / 1e6, mean, "--", label=f"{name} {flavour} ({len(runs)} seeds, anchor)")
+        by_steps.fill_between(x / 1e6, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+    by_steps.set_xlabel("env steps (millions)")
+    by_time.set_xlabel("training wall time (minutes)")
+    for axis in (by_steps, by_time):
+        axis.set_ylabel("team return")
+        axis.grid(alpha=0.3)
+    fig.suptitle(f"{env_id}: mean over seeds, band = +-1 std")
+    fig.legend(*by_steps.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.03 + 0.035 * math.ceil((len(configs) + len(anchors)) / 2), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    configs = defaultdict(list)
+    for folder in sorted(Path(args.results).glob("*")):
+        run = load_run(folder) if folder.is_dir() else None
+        if run is not None:
+            configs[run["config"]].append(run)
+    if not configs:
+        raise SystemExit(f"error: no runs with metrics under {args.results}")
+    anchors = load_anchors(Path(args.anchors))
+    out = Path(args.out)
+    (out / "curves").mkdir(parents=True, exist_ok=True)
+    write_csv(out / "summary.csv", summarise(configs, args.window))
+    write_csv(out / "milestones.csv", milestones(configs, args.window) + milestones(anchors, args.window))
+    # one figure per task: env id and action kind (MPE's --continuous-actions); HARL's curves join their task's figure
+    figures = defaultdict(dict)
+    for config, runs in configs.items():
+        flavour = "continuous" if "--continuous-actions" in config[2].split() else "discrete"
+        runs = [r for r in runs if len(r["steps"])]
+        if runs:
+            figures[f"{config[1]}_{flavour}"][config] = runs
+    for task, task_configs in sorted(figures.items()):
+        task_anchors = {c: runs for c, runs in anchors.items() if f"{c[1]}_{c[2]}" == task}
+        plot(task, task_configs, task_anchors, args.window, out / "curves" / f"{task}.png")
+    print(
+        f"wrote {out / 'summary.csv'}, {out / 'milestones.csv'} and {len(list((out / 'curves').glob('*.png')))} plots"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Training speed of each script against its environment stepped with random actions, measured in one run.
+
+    python benchmarks/speed.py                          # all five scripts -> benchmarks/report/speed.csv
+    python benchmarks/speed.py --only happo_mpe.py --iterations 5
+
+For each script and a representative task: env-steps/s of the environment alone, then of training (the script run as
+a program for a few iterations; its `charts/SPS` at the end), then of the environment alone again. The ratio is
+training / mean of the two env-only figures. Run it on an otherwise idle machine: one process at a time, one torch
+thread (the scripts' default).
+
+"Environment alone" is the simulation work the script's env adapter needs, without the adapter: `num_envs` instances
+stepped in turn in one process with uniform random actions, resetting finished episodes. MPE: mpe2's raw_env driven
+agent by agent, reading every agent's observation; MaMuJoCo: the MuJoCo v5 robot under mamujoco_v1
+(`single_agent_env`), which is what the scripts step in their default full-state mode.
+"""
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+# script, its task and rollout size (as in benchmarks/commands.sh), the env-only stepper, training iterations
+MPE_SPREAD = dict(kind="mpe", env_id="simple_spread_v3", kwargs=dict(N=3, max_cycles=25))
+CASES = [
+    dict(
+        script="happo_mpe.py",
+        flags="--env-id simple_spread_v3 --num-envs 8 --num-steps 200",
+        env=MPE_SPREAD,
+        iterations=20,
+    ),
+    dict(
+        script="hatrpo_mpe.py",
+        flags="--env-id simple_spread_v3 --num-envs 8 --num-steps 200",
+        env=MPE_SPREAD,
+        iterations=20,
+    ),
+    *[
+        dict(
+            script=script,
+            flags="--env-id HalfCheetah-2x3 --num-envs 20 --num-steps 200",
+            iterations=8,
+            env=dict(kind="mamujoco", env_id="HalfCheetah-2x3", kwargs={}),
+        )
+        for script in ("happo_mamujoco.py", "hatrpo_mamujoco.py")
+    ],
+    *[
+        dict(
+            script="matrpo_admm.py",
+            flags=f"--mode {mode} --num-envs 10 --num-steps 1000",
+            iterations=iterations,
+            env=dict(kind="mpe", env_id="simple_spread_v3", kwargs=dict(N=3, local_ratio=1.0, max_cycles=100)),
+        )
+        for mode, iterations in (("admm", 2), ("independent", 4), ("centralized", 4))
+    ],
+]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="*", default=[], help="scripts to measure (default: all five)")
+    parser.add_argument("--iterations", type=int, default=0, help="training iterations (default: per case)")
+    parser.add_argument("--env-steps", type=int, default=40_000, help="env steps of each env-only measurement")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "report" / "speed.csv"))
+    args = parser.parse_args(argv)
+    valid = sorted({case["script"] for case in CASES})
+    unknown = sorted(set(args.only) - set(valid))
+    if unknown:
+        parser.exit(2, f"error: unknown script(s) {', '.join(unknown)}; valid: {', '.join(valid)}\n")
+    return args
+
+
+def flag_value(flags: list[str], name: str) -> str:
+    return flags[flags.index(name) + 1]
+
+
+def env_steps_per_second(kind: str, env_id: str, kwargs: dict, num_envs: int, env_steps: int, seed: int = 0) -> float:
+    """Env steps per second of num_envs instances stepped in turn with uniform random actions."""
+    rng = np.random.default_rng(seed)
+    if kind == "mpe":
+        import importlib
+
+        envs = [importlib.import_module(f"mpe2.{env_id}").raw_env(**kwargs) for _ in range(num_envs)]
+        sizes = {a: envs[0].action_space(a).n for a in envs[0].possible_agents}  # discrete actions
+
+        def step(env):  # agents act in turn, the world steps after the last; then every agent observes
+            for agent in env.possible_agents:
+                env.step(int(rng.integers(sizes[agent])))
+            [env.observe(agent) for agent in env.possible_agents]
+            return any(env.terminations.values()) or any(env.truncations.values())
+
+    else:
+        from gymnasium_robotics import mamujoco_v1
+
+        scenario, _, partition = env_id.rpartition("-")
+        envs = [mamujoco_v1.parallel_env(scenario, partition).single_agent_env for _ in range(num_envs)]
+        low, high = envs[0].action_space.low, envs[0].action_space.high
+
+        def step(env):
+            _, _, terminated, truncated, _ = env.step(rng.uniform(low, high))
+            return terminated or truncated
+
+    for i, env in enumerate(envs):
+        env.reset(seed=seed + i)
+    vector_steps = max(1, env_steps // num_envs)
+    start = time.perf_counter()
+    for _ in range(vector_steps):
+        for env in envs:
+            if step(env):
+                env.reset()
+    return vector_steps * num_envs / (time.perf_counter() - start)
+
+
+def training_steps_per_second(script: str, flags: list[str], iterations: int) -> float:
+    """The script's own charts/SPS (env steps per second since its loop started) after `iterations` iterations."""
+    batch = int(flag_value(flags, "--num-envs")) * int(flag_value(flags, "--num-steps"))
+    command = [sys.executable, str(REPO / script), *flags, "--total-timesteps", str(iterations * batch)]
+    with tempfile.TemporaryDirectory() as cwd:
+        result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"error: {' '.join(command)} failed:\n{result.stderr[-2000:]}")
+        (metrics,) = Path(cwd, "runs").glob("*/metrics.jsonl")
+        return float(json.loads(metrics.read_text().splitlines()[-1])["charts/SPS"])
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rows = []
+    for case in [c for c in CASES if not args.only or c["script"] in args.only]:
+        flags, env = case["flags"].split(), case["env"]
+        num_envs, iterations = int(flag_value(flags, "--num-envs")), args.iterations or case["iterations"]
+        before = env_steps_per_second(env["kind"], env["env_id"], env["kwargs"], num_envs, args.env_steps)
+        training = training_steps_per_second(case["script"], flags, iterations)
+        after = env_steps_per_second(env["kind"], env["env_id"], env["kwargs"], num_envs, args.env_steps)
+        env_only = (before + after) / 2
+        row = dict(
+            script=case["script"],
+            flags=case["flags"],
+            iterations=iterations,
+            training_env_steps_per_second=round(training),
+            env_only_before=round(before),
+            env_only_after=round(after),
+            ratio=round(training / env_only, 3),
+            torch_threads=1,
+            cpu=f"{cpu_name()} ({os.cpu_count()} cores)",
+        )
+        print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+        rows.append(row)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

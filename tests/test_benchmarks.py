@@ -1,0 +1,203 @@
+"""The benchmark tooling: the runner (parallel, resumable, skips finished runs), the report (CSV and curves), the
+speed benchmark and the W&B sweep configuration, each run on the real scripts at tiny sizes."""
+
+import csv
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from helpers import REPO, SCRIPT_ENV, tiny
+
+from benchmarks import report, run, speed
+
+RUNNER = [sys.executable, str(REPO / "benchmarks" / "run.py")]
+
+
+def runner(results: Path, *args: str) -> list[str]:
+    return [*RUNNER, "--results", str(results), *args]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_run_keys_name_the_script_env_flags_and_seed_and_seeds_come_outermost():
+    assert run.run_key("happo_mpe.py", "simple_spread_v3", ["--num-envs", "8", "--no-sequential"], 2) == (
+        "happo_mpe__simple_spread_v3__num-envs=8,no-sequential__s2"
+    )
+    assert run.run_key("matrpo_admm.py", None, [], 1) == "matrpo_admm__default__default__s1"
+    assert run.run_key("happo_mamujoco.py", "Humanoid-9|8", [], 1) == "happo_mamujoco__Humanoid-9_8__default__s1"
+    args = run.parse_args(["--scripts", "happo_mpe.py", "hatrpo_mpe.py", "--env-ids", "a", "b", "--seeds", "1", "2"])
+    order = [(r["seed"], r["script"], r["env_id"]) for r in run.plan(args)]
+    assert order == [(s, p, e) for s in (1, 2) for p in ("happo_mpe.py", "hatrpo_mpe.py") for e in ("a", "b")]
+
+
+def test_runner_stops_on_sigterm_resumes_from_the_checkpoint_and_skips_finished_runs(tmp_path):
+    results = tmp_path / "results"
+    command = runner(results, "--scripts", "happo_mpe.py", "--seeds", "3", "--", *tiny(4000), "--save-interval", "1")
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=SCRIPT_ENV)
+    folder = results / run.run_key("happo_mpe.py", None, [*tiny(4000), "--save-interval", "1"], 3)
+    deadline = time.time() + 120
+    while run.latest_checkpoint(folder) is None and time.time() < deadline:
+        time.sleep(0.1)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=120) == 128 + signal.SIGTERM, first.stdout.read()
+    (stopped,) = read_jsonl(folder / "segments.jsonl")
+    assert stopped["returncode"] == 128 + signal.SIGTERM and stopped["resumed_from_step"] is None
+    assert not (folder / "done").exists() and not (folder / "failed").exists()
+    stopped_at = read_jsonl(next(folder.glob("runs/*/metrics.jsonl")))[-1]["global_step"]
+    assert stopped_at < 4000
+
+    second = subprocess.run(command, capture_output=True, text=True, env=SCRIPT_ENV)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "resuming" in second.stdout
+    segments = read_jsonl(folder / "segments.jsonl")
+    assert [s["returncode"] for s in segments] == [128 + signal.SIGTERM, 0]
+    assert segments[1]["resumed_from_step"] == stopped_at  # a stop saves the iteration it finished
+    assert (folder / "done").exists() and not (folder / "running").exists()
+    (run_dir,) = folder.glob("runs/*")  # the resumed process continued the same run
+    lines = read_jsonl(run_dir / "metrics.jsonl")
+    steps = [m["global_step"] for m in lines if "charts/SPS" in m]
+    assert steps == list(range(50, 4001, 50))  # every iteration once, none lost or repeated
+    assert "eval/episodic_return" in lines[-1]
+    assert json.loads((folder / "run.json").read_text())["seed"] == 3
+
+    third = subprocess.run(command, capture_output=True, text=True, env=SCRIPT_ENV)
+    assert third.returncode == 0 and f"skip {folder.name}: done" in third.stdout
+    assert len(read_jsonl(folder / "segments.jsonl")) == 2
+
+    # the report reads the same folder: one configuration, one finished seed, every step counted
+    out = tmp_path / "report"
+    report.main(["--results", str(results), "--out", str(out), "--anchors", str(tmp_path / "none")])
+    (row,) = list(csv.DictReader(open(out / "summary.csv")))
+    assert (row["script"], row["seeds"], row["finished"], float(row["steps_mean"])) == ("happo_mpe.py", "3", "1", 4000.0)
+    metrics = [m for m in lines if "charts/SPS" in m]
+    wall = report.training_seconds(
+        [m["global_step"] for m in metrics], [m["charts/SPS"] for m in metrics], [stopped_at]
+    )
+    assert float(row["wall_seconds_mean"]) == pytest.approx(wall[-1], rel=1e-5)
+    assert float(row["env_steps_per_second_mean"]) == pytest.approx(4000 / wall[-1], rel=1e-5)
+    assert sum(s["ended"] - s["started"] for s in segments) > wall[-1]  # the processes also started up and evaluated
+    assert (out / "curves" / "default_discrete.png").stat().st_size > 10_000
+
+
+def test_runner_marks_failed_runs_and_retries_them_only_when_asked(tmp_path):
+    command = runner(tmp_path, "--scripts", "hatrpo_mpe.py", "--seeds", "1", "--", "--num-envs", "0")
+    first = subprocess.run(command, capture_output=True, text=True, env=SCRIPT_ENV)
+    assert first.returncode == 1 and "failed (exit code 2" in first.stdout
+    (folder,) = tmp_path.iterdir()
+    assert (folder / "failed").exists() and "--num-envs must be positive" in (folder / "output.log").read_text()
+    again = subprocess.run(command, capture_output=True, text=True, env=SCRIPT_ENV)
+    assert again.returncode == 0 and "skip" in again.stdout and ": failed" in again.stdout
+    retried = subprocess.run([*command[:-3], "--retry-failed", *command[-3:]], capture_output=True, text=True)
+    assert retried.returncode == 1 and len(read_jsonl(folder / "segments.jsonl")) == 2
+
+
+def test_runner_rejects_an_unknown_script_in_one_line(tmp_path):
+    result = subprocess.run(runner(tmp_path, "--scripts", "mappo_mpe.py"), capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "mappo_mpe.py" in result.stderr and "happo_mpe.py" in result.stderr
+
+
+def test_training_seconds_restart_each_process_at_the_step_it_resumed_from():
+    steps, sps = [100, 200, 300, 400], [100, 100, 50, 50]
+    assert report.training_seconds(steps, sps, []).tolist() == [1.0, 2.0, 6.0, 8.0]
+    # resumed at step 200: the second process's SPS counts from there, after the 2 s the first took to reach it
+    assert report.training_seconds(steps, sps, [200]).tolist() == [1.0, 2.0, 4.0, 6.0]
+
+
+def write_run(results: Path, seed: int, returns: list[float], flags=("--total-timesteps", "40000")):
+    """A results folder as the runner leaves it, with one return logged every 10k steps at 1000 steps/s."""
+    folder = results / f"happo_mpe__x__s{seed}"
+    (folder / "runs" / "r").mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps(dict(script="happo_mpe.py", env_id="x", flags=list(flags), seed=seed)))
+    lines = [{"global_step": 10_000 * (i + 1), "charts/SPS": 1000, report.RETURN: r} for i, r in enumerate(returns)]
+    lines.append({"global_step": 10_000 * len(returns), "eval/episodic_return": returns[-1] + 1})
+    (folder / "runs" / "r" / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in lines))
+    (folder / "done").write_text("")
+
+
+def test_report_averages_the_last_window_of_each_seed_then_over_seeds(tmp_path):
+    write_run(tmp_path, 1, [-80.0, -70.0, -60.0, -50.0])
+    write_run(tmp_path, 2, [-90.0, -80.0, -40.0, -30.0])
+    anchors = tmp_path / "anchors"
+    anchors.mkdir()
+    rows = ["algo,seed,kind,step,return", "happo,1,train,10000,-75", "happo,1,train,20000,-65", "happo,1,eval,20000,0"]
+    (anchors / "harl_x_discrete.csv").write_text("\n".join(rows))
+    out = tmp_path / "out"
+    report.main(["--results", str(tmp_path), "--out", str(out), "--anchors", str(anchors), "--window", "20000"])
+    (row,) = list(csv.DictReader(open(out / "summary.csv")))
+    # window (20k, 40k]: seed 1 (-60 - 50) / 2 = -55, seed 2 (-40 - 30) / 2 = -35
+    assert float(row["final_return_mean"]) == pytest.approx(-45.0)
+    assert float(row["final_return_std"]) == pytest.approx(10.0)
+    assert float(row["eval_return_mean"]) == pytest.approx(-39.0)
+    assert float(row["wall_seconds_mean"]) == pytest.approx(40.0)
+    assert float(row["env_steps_per_second_mean"]) == pytest.approx(1000.0)
+    assert (row["seeds"], row["finished"]) == ("1 2", "2")
+    assert list(csv.DictReader(open(out / "milestones.csv"))) == []  # neither reached 100k steps
+    assert list(out.glob("curves/*.png")) == [out / "curves" / "x_discrete.png"]
+
+
+def test_report_milestones_include_the_anchors_at_the_steps_every_seed_reached(tmp_path):
+    write_run(tmp_path, 1, [-80.0 + i for i in range(30)])  # 300k steps
+    write_run(tmp_path, 2, [-90.0 + i for i in range(26)])  # 260k steps
+    anchors = tmp_path / "anchors"
+    anchors.mkdir()
+    rows = ["algo,seed,kind,step,return"] + [f"hatrpo,1,train,{10_000 * i},{-100 + i}" for i in range(1, 60)]
+    (anchors / "harl_x_discrete.csv").write_text("\n".join(rows))
+    out = tmp_path / "out"
+    report.main(["--results", str(tmp_path), "--out", str(out), "--anchors", str(anchors), "--window", "20000"])
+    got = {(m["script"], int(m["step"])): float(m["return_mean"]) for m in csv.DictReader(open(out / "milestones.csv"))}
+    # ours at 100k: seeds' (90k, 100k] values (-72, -71) and (-82, -81); at 250k (-57, -56) and (-67, -66)
+    assert got == {
+        ("happo_mpe.py", 100_000): pytest.approx(-76.5),
+        ("happo_mpe.py", 250_000): pytest.approx(-61.5),
+        ("HARL hatrpo", 100_000): pytest.approx(-90.5),
+        ("HARL hatrpo", 250_000): pytest.approx(-75.5),
+        ("HARL hatrpo", 500_000): pytest.approx(-50.5),
+    }
+
+
+def test_window_mean_is_nan_without_points():
+    assert math.isnan(report.window_mean(np.array([5.0]), np.array([1.0]), at=100.0, window=10.0))
+
+
+def test_speed_benchmark_writes_training_env_only_and_their_ratio(tmp_path):
+    out = tmp_path / "speed.csv"
+    speed.main(["--only", "happo_mpe.py", "--iterations", "1", "--env-steps", "800", "--out", str(out)])
+    (row,) = list(csv.DictReader(open(out)))
+    training, before, after = (
+        float(row[k]) for k in ("training_env_steps_per_second", "env_only_before", "env_only_after")
+    )
+    assert training > 0 and before > 0 and after > 0
+    assert float(row["ratio"]) == pytest.approx(training / ((before + after) / 2), abs=2e-3)
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--only", "mappo_mpe.py"])
+
+
+def test_sweep_configuration_runs_the_script_as_the_wandb_agent_would(tmp_path):
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    sweep = yaml.safe_load((REPO / "benchmarks" / "sweep.yaml").read_text())
+    assert (REPO / sweep["program"]).is_file() and sweep["method"] == "grid"
+    first = {
+        name: {"value": p["values"][0] if "values" in p else p["value"]} for name, p in sweep["parameters"].items()
+    }
+    # the agent's substitution of the command's macros (wandb_agent.py), from the repository root
+    macros = create_sweep_command_args({"args": first}) | {
+        "env": [], "interpreter": [sys.executable], "program": [str(REPO / sweep["program"])]
+    }  # fmt: skip
+    command = [part for c in sweep["command"] for part in (macros[c[2:-1]] if c.startswith("${") else [c])]
+    assert "--track" in command and "--save-model" in command and "--seed=1" in command
+    result = subprocess.run([*command, *tiny(100)], cwd=tmp_path, capture_output=True, text=True, env=SCRIPT_ENV)
+    assert result.returncode == 0, result.stderr  # the tiny sizes after the sweep's flags override its budget
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    args = json.loads((run_dir / "args.json").read_text())
+    assert (args["env_id"], args["seed"], args["track"], args["total_timesteps"]) == ("simple_spread_v3", 1, True, 100)
