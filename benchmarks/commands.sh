@@ -1,11 +1,65 @@
 #!/usr/bin/env bash
-# The commands behind every number in README "Results". Each runner call skips finished runs and resumes stopped
-# ones, so this file can be run again after an interruption. The order is the order the runs were made.
-# 2 workers, one torch thread per run (the scripts' default): the 2-core machine the numbers come from.
+# The commands behind every number in README "Results", in the order the runs were made. Each runner call skips
+# finished runs and resumes stopped ones, so the file can simply be run again after an interruption. Two copies may run
+# at once on one results folder (`WORKERS=1 bash benchmarks/commands.sh &` twice): they never start the same run.
+# Our numbers: a 2-core machine, one torch thread per run (the scripts' default), two runs at a time.
+#
+#   bash benchmarks/commands.sh            # speed, then runs, then report
+#   bash benchmarks/commands.sh speed      # the speed table: alone on an idle machine
+#   bash benchmarks/commands.sh runs       # the learning runs (any number of copies at once)
+#   bash benchmarks/commands.sh report     # benchmarks/report/: summary.csv, milestones.csv, curves/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN="python benchmarks/run.py --workers ${WORKERS:-2}"
+MPE="--num-envs 8"  # HARL's MPE rollout: 8 envs x 200 steps
 
-# MPE simple_spread_v3, discrete: HARL's 8 rollout envs x 200 steps, 3 seeds, 2M steps
-$RUN --scripts happo_mpe.py hatrpo_mpe.py --env-ids simple_spread_v3 --seeds 1 2 3 -- \
-    --num-envs 8 --total-timesteps 2000000
+runs() {
+    # --- MPE simple_spread_v3, discrete, 3 seeds, 2M steps (the HARL anchor's task and settings)
+    $RUN --scripts happo_mpe.py hatrpo_mpe.py --env-ids simple_spread_v3 --seeds 1 2 3 -- \
+        --num-envs 8 --total-timesteps 2000000
+
+    # --- ablations on simple_spread_v3 (HAPPO, 3 seeds, 500k steps; the baseline is the 2M runs above at 500k)
+    for ablation in --no-sequential --fixed-order; do
+        $RUN --scripts happo_mpe.py --env-ids simple_spread_v3 --seeds 1 2 3 -- $MPE --total-timesteps 500000 $ablation
+    done
+
+    # --- MaMuJoCo HalfCheetah-2x3, 1M steps, HAPPO with HARL's tuned values (SPEC 3.5), 3 seeds; then its ablations
+    # (3 seeds, 500k steps; the baseline is the tuned runs at 500k), HATRPO (HARL has no tuned values) seed 1
+    HALFCHEETAH_HAPPO="--clip-coef 0.05 --ppo-epochs 15 --ent-coef 0.01"
+    $RUN --scripts happo_mamujoco.py --env-ids HalfCheetah-2x3 --seeds 1 2 3 -- \
+        $HALFCHEETAH_HAPPO --total-timesteps 1000000
+    for ablation in --no-sequential --fixed-order; do
+        $RUN --scripts happo_mamujoco.py --env-ids HalfCheetah-2x3 --seeds 1 2 3 -- \
+            $HALFCHEETAH_HAPPO --total-timesteps 500000 $ablation
+    done
+    $RUN --scripts hatrpo_mamujoco.py --env-ids HalfCheetah-2x3 --seeds 1 -- --total-timesteps 1000000
+
+    # --- MaMuJoCo Ant-2x4 (no tuned values in HARL) and Walker2d-2x3 (HAPPO tuned), seed 1, 1M steps
+    $RUN --scripts happo_mamujoco.py hatrpo_mamujoco.py --env-ids Ant-2x4 --seeds 1 -- --total-timesteps 1000000
+    WALKER_HAPPO="--clip-coef 0.05 --ppo-epochs 5 --num-minibatches 2 --learning-rate 1e-3 --anneal-lr"
+    $RUN --scripts happo_mamujoco.py --env-ids Walker2d-2x3 --seeds 1 -- $WALKER_HAPPO --total-timesteps 1000000
+    $RUN --scripts hatrpo_mamujoco.py --env-ids Walker2d-2x3 --seeds 1 -- --total-timesteps 1000000
+    $RUN --scripts hatrpo_mamujoco.py --env-ids HalfCheetah-2x3 --seeds 2 3 -- --total-timesteps 1000000
+
+    # --- the other MPE tasks of the issue, 3 seeds, 2M steps
+    $RUN --scripts happo_mpe.py hatrpo_mpe.py --env-ids simple_spread_v3 --seeds 1 2 3 -- \
+        $MPE --total-timesteps 2000000 --continuous-actions
+    $RUN --scripts happo_mpe.py hatrpo_mpe.py --env-ids simple_speaker_listener_v4 --seeds 1 2 3 -- \
+        $MPE --total-timesteps 2000000
+
+    # --- MATRPO: the three modes, 3 seeds, 2M steps (checkpoints every 5 iterations: an admm iteration takes ~30 s)
+    for mode in centralized independent admm; do
+        $RUN --scripts matrpo_admm.py --seeds 1 2 3 -- --mode $mode --total-timesteps 2000000 --save-interval 5
+    done
+}
+
+speed() { python benchmarks/speed.py; }
+report() { python benchmarks/report.py; }
+
+if [ $# -eq 0 ]; then set -- speed runs report; fi
+for step in "$@"; do
+    case $step in
+        speed | runs | report) "$step" ;;
+        *) echo "error: unknown step '$step'; valid: speed, runs, report" >&2 && exit 2 ;;
+    esac
+done

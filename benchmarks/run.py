@@ -18,7 +18,6 @@ The runner imports nothing from the scripts: it runs them as programs.
 """
 
 import argparse
-import glob
 import json
 import os
 import re
@@ -29,7 +28,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SIGNAL_EXIT_CODES = {128 + signal.SIGINT, 128 + signal.SIGTERM}  # the scripts' exit codes after a requested stop
 
 
 def parse_args(argv=None):
@@ -71,8 +69,8 @@ def plan(args) -> list[dict]:
 
 
 def latest_checkpoint(run_folder: Path) -> str | None:
-    checkpoints = [p for p in glob.glob(str(run_folder / "runs" / "*" / "*.pt"))]
-    return max(checkpoints, key=os.path.getmtime) if checkpoints else None
+    checkpoints = list(run_folder.glob("runs/*/*.pt"))  # the scripts write {exp_name}.pt atomically
+    return str(max(checkpoints, key=os.path.getmtime)) if checkpoints else None
 
 
 def pid_alive(pid: int) -> bool:
@@ -86,20 +84,38 @@ def pid_alive(pid: int) -> bool:
 
 
 def state(run_folder: Path) -> str:
-    """done, failed, running (by another runner), or todo."""
+    """done, failed, running (by this or another runner), or todo."""
     if (run_folder / "done").exists():
         return "done"
     if (run_folder / "failed").exists():
         return "failed"
     lock = run_folder / "running"
-    if lock.exists() and pid_alive(int(lock.read_text().split()[0])):
+    if lock.exists() and any(pid_alive(int(pid)) for pid in lock.read_text().split()):
         return "running"
     return "todo"
 
 
+def claim(run_folder: Path, retry_failed: bool) -> bool:
+    """Take the run's lock, so that runners sharing a results folder never start the same run twice."""
+    run_folder.mkdir(parents=True, exist_ok=True)
+    lock = run_folder / "running"
+    if lock.exists() and state(run_folder) != "running":
+        lock.unlink(missing_ok=True)  # left by a runner or a run that was killed
+    try:
+        descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.write(descriptor, f"{os.getpid()}\n".encode())
+    os.close(descriptor)
+    # another runner may have finished the run since it was planned (it writes done or failed before its unlock)
+    if (run_folder / "done").exists() or ((run_folder / "failed").exists() and not retry_failed):
+        lock.unlink()
+        return False
+    return True
+
+
 def start(run: dict, results: Path) -> subprocess.Popen:
     folder = results / run["key"]
-    folder.mkdir(parents=True, exist_ok=True)
     (folder / "failed").unlink(missing_ok=True)
     command = [sys.executable, str(REPO / run["script"]), "--seed", str(run["seed"]), "--save-model"]
     command += ["--env-id", run["env_id"]] if run["env_id"] else []
@@ -113,7 +129,7 @@ def start(run: dict, results: Path) -> subprocess.Popen:
     log.flush()
     # a session of its own: a Ctrl-C in the terminal reaches the runner only, which then stops each run once
     process = subprocess.Popen(command, cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    (folder / "running").write_text(f"{process.pid}\n")
+    (folder / "running").write_text(f"{os.getpid()} {process.pid}\n")
     process.run, process.folder, process.log, process.started = run, folder, log, time.time()
     process.resumed_from = checkpoint
     return process
@@ -137,7 +153,7 @@ def finish(process: subprocess.Popen, stopping: bool) -> str:
     if returncode == 0:
         (folder / "done").write_text("")
         return "done"
-    if stopping and returncode in SIGNAL_EXIT_CODES:
+    if stopping:  # asked to stop (exit code 143), or killed by a second Ctrl-C: resumable, not failed
         return "stopped"
     (folder / "failed").write_text(f"exit code {returncode}; see output.log\n")
     return f"failed (exit code {returncode}, see {folder / 'output.log'})"
@@ -168,7 +184,11 @@ def main(argv=None) -> int:
     active, failures = [], 0
     while queue or active:
         while queue and len(active) < args.workers and not signals:
-            process = start(queue.pop(0), results)
+            run = queue.pop(0)
+            if not claim(results / run["key"], args.retry_failed):  # another runner took it meanwhile
+                print(f"skip {run['key']}: {state(results / run['key'])}")
+                continue
+            process = start(run, results)
             active.append(process)
             how = f"resuming {process.resumed_from}" if process.resumed_from else "starting"
             print(f"{how}: {process.run['key']}", flush=True)

@@ -77,7 +77,12 @@ def test_runner_stops_on_sigterm_resumes_from_the_checkpoint_and_skips_finished_
     out = tmp_path / "report"
     report.main(["--results", str(results), "--out", str(out), "--anchors", str(tmp_path / "none")])
     (row,) = list(csv.DictReader(open(out / "summary.csv")))
-    assert (row["script"], row["seeds"], row["finished"], float(row["steps_mean"])) == ("happo_mpe.py", "3", "1", 4000.0)
+    assert (row["script"], row["seeds"], row["finished"], float(row["steps_mean"])) == (
+        "happo_mpe.py",
+        "3",
+        "1",
+        4000.0,
+    )
     metrics = [m for m in lines if "charts/SPS" in m]
     wall = report.training_seconds(
         [m["global_step"] for m in metrics], [m["charts/SPS"] for m in metrics], [stopped_at]
@@ -98,6 +103,33 @@ def test_runner_marks_failed_runs_and_retries_them_only_when_asked(tmp_path):
     assert again.returncode == 0 and "skip" in again.stdout and ": failed" in again.stdout
     retried = subprocess.run([*command[:-3], "--retry-failed", *command[-3:]], capture_output=True, text=True)
     assert retried.returncode == 1 and len(read_jsonl(folder / "segments.jsonl")) == 2
+
+
+def test_two_runners_sharing_a_results_folder_never_start_the_same_run(tmp_path):
+    command = runner(tmp_path, "--scripts", "happo_mpe.py", "--seeds", "1", "2", "--workers", "1", "--", *tiny(200))
+    runners = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=SCRIPT_ENV) for _ in range(2)]
+    outputs = [r.communicate(timeout=300)[0] for r in runners]
+    assert [r.returncode for r in runners] == [0, 0], outputs
+    folders = sorted(tmp_path.iterdir())
+    assert len(folders) == 2 and all((f / "done").exists() for f in folders)
+    assert [len(read_jsonl(f / "segments.jsonl")) for f in folders] == [1, 1], outputs
+
+
+def test_a_run_is_claimed_once_and_never_after_it_finished(tmp_path):
+    folder = tmp_path / "run"
+    assert run.claim(folder, retry_failed=False) and run.state(folder) == "running"
+    assert not run.claim(folder, retry_failed=False)  # held by a live process (this one)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (folder / "running").write_text(f"{dead.pid}\n")  # left by a killed runner
+    assert run.state(folder) == "todo" and run.claim(folder, retry_failed=False)
+    (folder / "running").unlink()
+    (folder / "failed").write_text("")  # finished by another runner between its planning and its claim
+    assert not run.claim(folder, retry_failed=False) and not (folder / "running").exists()
+    assert run.claim(folder, retry_failed=True)
+    (folder / "running").unlink()
+    (folder / "done").write_text("")
+    assert not run.claim(folder, retry_failed=True) and not (folder / "running").exists()
 
 
 def test_runner_rejects_an_unknown_script_in_one_line(tmp_path):
