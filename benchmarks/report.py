@@ -8,7 +8,7 @@ Runs with the same script, env id and flags are one configuration; its seeds are
                     training wall time, env-steps/s
     milestones.csv  per configuration (and the HARL anchors in --anchors): the return at 100k, 250k, 500k, 1M,
                     2M, 5M, 10M steps, mean and std over seeds
-    curves/{env}.png  mean return and a band of +-1 std over seeds, against env steps and against wall time
+    curves/{task}.png  mean return and a band of +-1 std over seeds, against env steps and against wall time
 
 "Return at step s" is the mean of the logged `charts/episodic_return` values at steps in (s - window, s]; the final
 return is the same at the last logged step. Wall time counts training only (no evaluation, no work lost to a stop):
@@ -220,15 +220,16 @@ def main(argv=None):
     (out / "curves").mkdir(parents=True, exist_ok=True)
     write_csv(out / "summary.csv", summarise(configs, args.window))
     write_csv(out / "milestones.csv", milestones(configs, args.window) + milestones(anchors, args.window))
-    # one figure per task: env id and action kind (MPE's --continuous-actions); HARL's curves join their task's figure
+    # one figure per task: env id, and MPE's --continuous-actions; HARL's curves join their task's figure
     figures = defaultdict(dict)
     for config, runs in configs.items():
-        flavour = "continuous" if "--continuous-actions" in config[2].split() else "discrete"
         runs = [r for r in runs if len(r["steps"])]
         if runs:
-            figures[f"{config[1]}_{flavour}"][config] = runs
+            figures[config[1] + ("_continuous" if "--continuous-actions" in config[2].split() else "")][config] = runs
     for task, task_configs in sorted(figures.items()):
-        task_anchors = {c: runs for c, runs in anchors.items() if f"{c[1]}_{c[2]}" == task}
+        task_anchors = {
+            c: runs for c, runs in anchors.items() if c[1] + ("_continuous" if c[2] == "continuous" else "") == task
+        }
         plot(task, task_configs, task_anchors, args.window, out / "curves" / f"{task}.png")
     print(
         f"wrote {out / 'summary.csv'}, {out / 'milestones.csv'} and {len(list((out / 'curves').glob('*.png')))} plots"

@@ -90,7 +90,7 @@ def test_runner_stops_on_sigterm_resumes_from_the_checkpoint_and_skips_finished_
     assert float(row["wall_seconds_mean"]) == pytest.approx(wall[-1], rel=1e-5)
     assert float(row["env_steps_per_second_mean"]) == pytest.approx(4000 / wall[-1], rel=1e-5)
     assert sum(s["ended"] - s["started"] for s in segments) > wall[-1]  # the processes also started up and evaluated
-    assert (out / "curves" / "default_discrete.png").stat().st_size > 10_000
+    assert (out / "curves" / "default.png").stat().st_size > 10_000
 
 
 def test_runner_marks_failed_runs_and_retries_them_only_when_asked(tmp_path):
@@ -174,7 +174,7 @@ def test_report_averages_the_last_window_of_each_seed_then_over_seeds(tmp_path):
     assert float(row["env_steps_per_second_mean"]) == pytest.approx(1000.0)
     assert (row["seeds"], row["finished"]) == ("1 2", "2")
     assert list(csv.DictReader(open(out / "milestones.csv"))) == []  # neither reached 100k steps
-    assert list(out.glob("curves/*.png")) == [out / "curves" / "x_discrete.png"]
+    assert list(out.glob("curves/*.png")) == [out / "curves" / "x.png"]
 
 
 def test_report_milestones_include_the_anchors_at_the_steps_every_seed_reached(tmp_path):
