@@ -11,7 +11,8 @@ Runs with the same script, env id and flags are one configuration; its seeds are
     curves/{task}.png  mean return and a band of +-1 std over seeds, against env steps and against wall time
 
 "Return at step s" is the mean of the logged `charts/episodic_return` values at steps in (s - window, s]; the final
-return is the same at the last logged step. Wall time counts training only (no evaluation, no work lost to a stop):
+return is the same at the last logged step (a run still under way counts at its last step; `finished` in summary.csv
+says how many seeds are done). Wall time counts training only (no evaluation, no work lost to a stop):
 the scripts log `charts/SPS` since their process started, and the runner records the step each process resumed from.
 """
 
@@ -182,7 +183,8 @@ def plot(env_id: str, configs: dict, anchors: dict, window: int, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (by_steps, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
+    legend_height = 0.2 * (len(configs) + len(anchors)) + 0.2  # inches, one line per curve below the axes
+    fig, (by_steps, by_time) = plt.subplots(1, 2, figsize=(12, 4.2 + legend_height))
     for (script, _, flags), runs in sorted(configs.items()):
         label = f"{Path(script).stem} {flags} ({len(runs)} seeds)"
         for axis, x_key in ((by_steps, "steps"), (by_time, "seconds")):
@@ -200,8 +202,8 @@ def plot(env_id: str, configs: dict, anchors: dict, window: int, path: Path):
         axis.set_ylabel("team return")
         axis.grid(alpha=0.3)
     fig.suptitle(f"{env_id}: mean over seeds, band = +-1 std")
-    fig.legend(*by_steps.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.03 + 0.035 * math.ceil((len(configs) + len(anchors)) / 2), 1, 1))
+    fig.legend(*by_steps.get_legend_handles_labels(), loc="lower center", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, legend_height / (4.2 + legend_height), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
