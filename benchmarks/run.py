@@ -170,7 +170,7 @@ def main(argv=None) -> int:
         else:
             print(f"skip {run['key']}: {status}")
 
-    signals = []
+    active, failures, signals = [], 0, []
 
     def request_stop(signum, frame):
         signals.append(signum)
@@ -181,7 +181,6 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
 
-    active, failures = [], 0
     while queue or active:
         while queue and len(active) < args.workers and not signals:
             run = queue.pop(0)
