@@ -36,7 +36,10 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "report"))
     parser.add_argument("--anchors", default=str(REPO / "benchmarks" / "anchors"), help="HARL curves, CSV files")
     parser.add_argument("--window", type=int, default=25_000, help="env steps averaged into one return value")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.window <= 0:
+        parser.exit(2, f"error: --window must be a positive number of env steps, got {args.window}\n")
+    return args
 
 
 def training_seconds(steps, sps, resumed_from_steps) -> np.ndarray:

@@ -197,6 +197,12 @@ def test_report_milestones_include_the_anchors_at_the_steps_every_seed_reached(t
     }
 
 
+def test_report_rejects_a_window_that_is_not_positive(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        report.parse_args(["--window", "0"])
+    assert exit_info.value.code == 2 and "--window must be a positive" in capsys.readouterr().err
+
+
 def test_window_mean_is_nan_without_points():
     assert math.isnan(report.window_mean(np.array([5.0]), np.array([1.0]), at=100.0, window=10.0))
 
