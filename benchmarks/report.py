@@ -225,12 +225,14 @@ def main(argv=None):
     (out / "curves").mkdir(parents=True, exist_ok=True)
     write_csv(out / "summary.csv", summarise(configs, args.window))
     write_csv(out / "milestones.csv", milestones(configs, args.window) + milestones(anchors, args.window))
-    # one figure per task: env id, and MPE's --continuous-actions; HARL's curves join their task's figure
+    # one figure per task: env id (the script's name where it ran its default task, e.g. matrpo_admm), and MPE's
+    # --continuous-actions; HARL's curves join their task's figure
     figures = defaultdict(dict)
     for config, runs in configs.items():
         runs = [r for r in runs if len(r["steps"])]
+        task = config[1] if config[1] != "default" else Path(config[0]).stem
         if runs:
-            figures[config[1] + ("_continuous" if "--continuous-actions" in config[2].split() else "")][config] = runs
+            figures[task + ("_continuous" if "--continuous-actions" in config[2].split() else "")][config] = runs
     for task, task_configs in sorted(figures.items()):
         task_anchors = {
             c: runs for c, runs in anchors.items() if c[1] + ("_continuous" if c[2] == "continuous" else "") == task

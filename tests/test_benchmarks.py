@@ -90,7 +90,7 @@ def test_runner_stops_on_sigterm_resumes_from_the_checkpoint_and_skips_finished_
     assert float(row["wall_seconds_mean"]) == pytest.approx(wall[-1], rel=1e-5)
     assert float(row["env_steps_per_second_mean"]) == pytest.approx(4000 / wall[-1], rel=1e-5)
     assert sum(s["ended"] - s["started"] for s in segments) > wall[-1]  # the processes also started up and evaluated
-    assert (out / "curves" / "default.png").stat().st_size > 10_000
+    assert (out / "curves" / "happo_mpe.png").stat().st_size > 10_000  # no --env-id: named after the script
 
 
 def test_runner_marks_failed_runs_and_retries_them_only_when_asked(tmp_path):
