@@ -180,6 +180,11 @@ def band(runs: list[dict], x_key: str, window: int, points: int = 200):
     return grid, curves.mean(0), curves.std(0)
 
 
+def figure_name(task: str, continuous: bool) -> str:
+    """One figure per task and action kind: MPE's continuous actions get their own."""
+    return task + "_continuous" if continuous else task
+
+
 def plot(env_id: str, configs: dict, anchors: dict, window: int, path: Path):
     import matplotlib
 
@@ -225,18 +230,16 @@ def main(argv=None):
     (out / "curves").mkdir(parents=True, exist_ok=True)
     write_csv(out / "summary.csv", summarise(configs, args.window))
     write_csv(out / "milestones.csv", milestones(configs, args.window) + milestones(anchors, args.window))
-    # one figure per task: env id (the script's name where it ran its default task, e.g. matrpo_admm), and MPE's
-    # --continuous-actions; HARL's curves join their task's figure
+    # one figure per task (the script's name where it ran its default task, e.g. matrpo_admm); HARL's curves join
+    # their task's figure
     figures = defaultdict(dict)
-    for config, runs in configs.items():
+    for (script, env_id, flags), runs in configs.items():
         runs = [r for r in runs if len(r["steps"])]
-        task = config[1] if config[1] != "default" else Path(config[0]).stem
+        task = env_id if env_id != "default" else Path(script).stem
         if runs:
-            figures[task + ("_continuous" if "--continuous-actions" in config[2].split() else "")][config] = runs
+            figures[figure_name(task, "--continuous-actions" in flags.split())][script, env_id, flags] = runs
     for task, task_configs in sorted(figures.items()):
-        task_anchors = {
-            c: runs for c, runs in anchors.items() if c[1] + ("_continuous" if c[2] == "continuous" else "") == task
-        }
+        task_anchors = {c: runs for c, runs in anchors.items() if figure_name(c[1], c[2] == "continuous") == task}
         plot(task, task_configs, task_anchors, args.window, out / "curves" / f"{task}.png")
     print(
         f"wrote {out / 'summary.csv'}, {out / 'milestones.csv'} and {len(list((out / 'curves').glob('*.png')))} plots"
