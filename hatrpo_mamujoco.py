@@ -1,4 +1,4 @@
-# HATRPO (Kuba et al., ICLR 2022, https://arxiv.org/abs/2109.11251) on MaMuJoCo; docs: README.md#hatrpo_mamujocopy
+# HATRPO (Kuba et al., ICLR 2022, https://arxiv.org/abs/2109.11251) on MaMuJoCo; docs: docs/mamujoco.md
 import contextlib
 import copy
 import io
@@ -59,6 +59,17 @@ FACTORIZATIONS = {
 ENV_IDS = tuple(f"{scenario}-{partition}" for scenario, partitions in PARTITIONS.items() for partition in partitions)
 ENV_IDS += tuple(FACTORIZATIONS)
 
+# HARL's tuned values per task (its tuned_configs/mamujoco, gym v2 models), where they differ from the defaults of Args;
+# ids without an entry run with those defaults
+TUNED = {
+    "Ant-4x2": dict(kl_threshold=0.005),
+    "HalfCheetah-2x3": dict(kl_threshold=0.01),
+    "Hopper-3x1": dict(kl_threshold=0.001),
+    "Walker2d-2x3": dict(kl_threshold=0.01),
+    "Walker2d-6x1": dict(kl_threshold=0.005),
+}
+TUNED["Ant-2x4"] = TUNED["Ant-4x2"]  # HARL did not tune Ant-2x4: the nearest tuned task
+
 
 @dataclass
 class Args:
@@ -89,14 +100,17 @@ class Args:
     eval_checkpoint: str | None = None
     """path of a checkpoint to evaluate with deterministic actions; no training"""
     eval_episodes: int = 10
-    """episodes per evaluation"""
+    """episodes per evaluation (run in parallel, one env each)"""
+    eval_interval: int = 250_000
+    """environment steps between two deterministic evaluations during training (eval/episodic_return); 0: none"""
 
     # Environment
     env_id: str = "HalfCheetah-2x3"
     """Scenario-Partition: Ant-2x4, Ant-2x4d, Ant-4x2, Ant-8x1, HalfCheetah-2x3, HalfCheetah-3x2, HalfCheetah-6x1,
     Hopper-3x1, Humanoid-9|8, Humanoid-17x1, HumanoidStandup-9|8, HumanoidStandup-17x1, Pusher-3p, Reacher-2x1,
     Swimmer-2x1, Walker2d-2x3, Walker2d-3x2, Walker2d-6x1, ManySegmentSwimmer-NxK, ManySegmentAnt-NxK (N agents of K
-    segments)"""
+    segments). Ant-4x2, HalfCheetah-2x3, Hopper-3x1, Walker2d-2x3, Walker2d-6x1 and Ant-2x4 (borrowing
+    Ant-4x2's) run with HARL's tuned values, other ids with the defaults below; a flag given on the command line wins"""
     agent_obsk: int | None = None
     """None: every agent observes the full state and its one-hot id (the papers); K: mamujoco_v1's local observations
     of the joints within K hops"""
@@ -125,7 +139,7 @@ class Args:
     fixed_order: bool = False
     """if toggled, update the agents in index order instead of a fresh random order every iteration"""
     kl_threshold: float = 0.01
-    """delta: the bound on each agent's mean KL(pi_old || pi_new) per update (HARL: 0.01 on HalfCheetah-2x3)"""
+    """delta: the bound on each agent's mean KL(pi_old || pi_new) per update"""
     ls_steps: int = 10
     """the number of step fractions the backtracking line search tries"""
     backtrack_coef: float = 0.8
@@ -160,6 +174,16 @@ def fail(message: str):
     sys.exit(2)
 
 
+def apply_tuned_values(args: Args, argv: list[str], tuned: dict) -> dict:
+    """Set each field of `tuned` (a task's entry of TUNED) that the command line argv did not give: an explicit flag
+    always wins, also when it equals a general default. Returns the values it set."""
+    given = {flag.split("=")[0][2:].removeprefix("no-").replace("-", "_") for flag in argv if flag.startswith("--")}
+    applied = {name: value for name, value in tuned.items() if name not in given}
+    for name, value in applied.items():
+        setattr(args, name, value)
+    return applied
+
+
 # The range of each numeric field: (fields, test, what the error message says)
 ARG_RANGES = (
     (
@@ -169,7 +193,7 @@ ARG_RANGES = (
         "positive",
     ),
     ("gamma gae_lambda clip_coef backtrack_coef", lambda x: 0 < x <= 1, "in (0, 1]"),
-    ("accept_ratio cg_damping", lambda x: x >= 0, ">= 0"),
+    ("accept_ratio cg_damping eval_interval", lambda x: x >= 0, ">= 0"),
 )
 
 
@@ -582,30 +606,35 @@ def save_checkpoint(checkpoint: dict, path: str):
     os.replace(path + ".tmp", path)
 
 
-def env_action(action: torch.Tensor, space: gym.Space) -> np.ndarray:
-    """The action sent to the env: Gaussian samples are stored unclipped and clipped to the bounds only here."""
-    action = action.cpu().numpy()
-    return np.clip(action, space.low, space.high) if isinstance(space, gym.spaces.Box) else action
+def env_action(action: torch.Tensor, space: gym.spaces.Box) -> np.ndarray:
+    """The torques sent to the env: a Gaussian sample a in [-1, 1] mapped linearly onto [low, high] as HARL does, then
+    clipped to the bounds. The stored action is the sample a itself. Bounds of +-1 (HalfCheetah, Ant, Walker2d): a."""
+    center, half_width = (space.high + space.low) / 2, (space.high - space.low) / 2
+    return np.clip(center + half_width * action.cpu().numpy(), space.low, space.high)
 
 
-def evaluate(actors, env: gym.Env, num_episodes: int, seed: int, device) -> np.ndarray:
-    """Team returns of num_episodes episodes with deterministic actions (argmax / Gaussian mean)."""
-    returns = []
-    obs, _ = env.reset(seed=seed)
-    while len(returns) < num_episodes:
-        episode_return, done = 0.0, False
-        while not done:
-            with torch.no_grad():
-                actions = tuple(
-                    env_action(actor.distribution(torch.as_tensor(obs[agent], device=device)).mode, space)
-                    for actor, agent, space in zip(actors, env.unwrapped.agents, env.action_space)
-                )
-            obs, reward, terminated, truncated, _ = env.step(actions)
-            episode_return += reward
-            done = terminated or truncated
-        returns.append(episode_return)
-        obs, _ = env.reset()
-    return np.array(returns)
+def env_seeds(seed: int, num_envs: int, purpose: int, step: int = 0) -> list[int]:
+    """One independent seed per env: numpy's SeedSequence gives every (run seed, purpose, step, env index) a stream of
+    its own, so runs with neighbouring seeds share no env (seeding env i with seed + i would). purpose 0: the training
+    envs, started at `step` (a resumed run starts fresh episodes instead of replaying its first ones); 1: evaluation."""
+    sequence = np.random.SeedSequence(seed, spawn_key=(purpose, step))
+    return [int(child.generate_state(1)[0]) for child in sequence.spawn(num_envs)]
+
+
+def evaluate(actors, agents: list[str], envs: gym.vector.VectorEnv, seeds: list[int], device) -> np.ndarray:
+    """Team return of one episode per env with deterministic actions (argmax / Gaussian mean), all envs in parallel."""
+    obs, _ = envs.reset(seed=seeds)
+    returns, finished = np.zeros(envs.num_envs), np.zeros(envs.num_envs, dtype=bool)
+    while not finished.all():
+        with torch.no_grad():
+            actions = tuple(
+                env_action(actor.distribution(torch.as_tensor(obs[agent], device=device)).mode, space)
+                for actor, agent, space in zip(actors, agents, envs.single_action_space)
+            )
+        obs, rewards, terminated, truncated, _ = envs.step(actions)
+        returns += np.where(finished, 0.0, rewards)
+        finished |= terminated | truncated
+    return returns
 
 
 class NonFiniteError(Exception):
@@ -625,6 +654,7 @@ def check_finite(metrics: dict, networks: dict):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    tuned_values = apply_tuned_values(args, sys.argv[1:], TUNED.get(args.env_id, {}))
     args.batch_size = args.num_envs * args.num_steps
     args.num_iterations = args.total_timesteps // max(args.batch_size, 1)
     validate_args(args)
@@ -649,16 +679,19 @@ if __name__ == "__main__":
     os.makedirs(run_dir, exist_ok=True)
     checkpoint_path = os.path.join(run_dir, f"{args.exp_name}.pt")
     with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump({**vars(args), "command": " ".join(sys.argv)}, f, indent=2)
+        json.dump({**vars(args), "command": " ".join(sys.argv), "from_tuned_table": tuned_values}, f, indent=2)
 
     # env setup
-    def make_eval_env() -> gym.Env:
-        env = make_env(args.env_id, args.agent_obsk, "rgb_array" if args.capture_video else None)()
-        if args.capture_video:
-            env = gym.wrappers.RecordVideo(
-                env, os.path.join(run_dir, "videos"), episode_trigger=lambda e: e == 0, disable_logger=True
+    def make_eval_envs(video: bool) -> gym.vector.SyncVectorEnv:
+        """One env per evaluation episode; with video, env 0 films its episode."""
+        render_modes = ["rgb_array" if video and i == 0 else None for i in range(args.eval_episodes)]
+        thunks = [make_env(args.env_id, args.agent_obsk, render_mode) for render_mode in render_modes]
+        if video:
+            first = thunks[0]
+            thunks[0] = lambda: gym.wrappers.RecordVideo(
+                first(), os.path.join(run_dir, "videos"), episode_trigger=lambda e: e == 0, disable_logger=True
             )
-        return env
+        return gym.vector.SyncVectorEnv(thunks)
 
     envs = (gym.vector.AsyncVectorEnv if args.async_envs else gym.vector.SyncVectorEnv)(
         [make_env(args.env_id, args.agent_obsk) for _ in range(args.num_envs)],
@@ -688,6 +721,7 @@ if __name__ == "__main__":
             "rng": rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
             "args": vars(args),
+            "script": os.path.basename(__file__),
         }
 
     global_step, iteration = 0, 0
@@ -731,8 +765,10 @@ if __name__ == "__main__":
         if args.track:
             wandb.log(metrics, step=metrics["global_step"])
 
-    def evaluate_and_log():
-        returns = evaluate(actors, make_eval_env(), args.eval_episodes, args.seed, device)
+    def evaluate_and_log(eval_envs: gym.vector.VectorEnv | None = None):
+        """Evaluate at global_step on the given envs, or on new ones, then closed (which writes the video)."""
+        envs_now = make_eval_envs(args.capture_video) if eval_envs is None else eval_envs
+        returns = evaluate(actors, agents, envs_now, env_seeds(args.seed, args.eval_episodes, purpose=1), device)
         print(f"eval/episodic_return={returns.mean():.2f} +- {returns.std():.2f} over {len(returns)} episodes")
         log(
             {
@@ -741,10 +777,13 @@ if __name__ == "__main__":
                 "eval/episodic_return_std": returns.std(),
             }
         )
+        if eval_envs is None:
+            envs_now.close()
 
     if args.eval_checkpoint:
         evaluate_and_log()
         sys.exit(0)
+    periodic_eval_envs = make_eval_envs(video=False) if args.eval_interval else None
 
     # Ctrl-C or SIGTERM: finish the iteration, save and stop; a second signal stops at once
     stop_requested = []
@@ -770,8 +809,8 @@ if __name__ == "__main__":
     # values and next_values are the critic's outputs, in the value normaliser's units
     rewards, values, next_values, terminations, dones = (torch.zeros((T, E), device=device) for _ in range(5))
 
-    # start the game; env i is seeded with seed + global_step + i, so a resumed run does not replay its first episodes
-    next_obs, _ = envs.reset(seed=args.seed + global_step)
+    # start the game
+    next_obs, _ = envs.reset(seed=env_seeds(args.seed, E, purpose=0, step=global_step))
     episode_returns, episode_lengths = np.zeros(E), np.zeros(E, dtype=int)
     last_good_checkpoint = copy.deepcopy(make_checkpoint()) if args.save_model else None
     start_time, start_step = time.time(), global_step
@@ -901,6 +940,10 @@ if __name__ == "__main__":
             log(metrics)
             episodic_return = metrics.get("charts/episodic_return", float("nan"))
             print(f"global_step={global_step}, episodic_return={episodic_return:.2f}, SPS={sps}")
+            # evaluate each time global_step passes a multiple of eval_interval (at the end, --save-model evaluates)
+            saved_and_evaluated_below = args.save_model and iteration == args.num_iterations
+            if args.eval_interval and global_step % args.eval_interval < E * T and not saved_and_evaluated_below:
+                evaluate_and_log(periodic_eval_envs)
 
             if args.save_model:
                 last_good_checkpoint = copy.deepcopy(make_checkpoint())

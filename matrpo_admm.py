@@ -1,4 +1,4 @@
-# MATRPO: TRPO with asynchronous ADMM (Li & He 2020, https://arxiv.org/abs/2010.07916); README.md#matrpo_admmpy
+# MATRPO: TRPO with asynchronous ADMM (Li & He 2020, https://arxiv.org/abs/2010.07916); docs: docs/matrpo_admm.md
 import copy
 import importlib
 import json
@@ -55,7 +55,9 @@ class Args:
     eval_checkpoint: str | None = None
     """path of a checkpoint to evaluate with deterministic actions; no training"""
     eval_episodes: int = 10
-    """episodes per evaluation"""
+    """episodes per evaluation (run in parallel, one env each)"""
+    eval_interval: int = 100_000
+    """environment steps between two deterministic evaluations during training (eval/episodic_return); 0: none"""
 
     # Environment: the paper's Cooperative Navigation with private rewards
     num_agents: int = 3
@@ -83,8 +85,9 @@ class Args:
     x_update: str = "linearized"
     """the ADMM policy step: linearized (the authors' code, a TRPO step on the local augmented Lagrangian) or prox
     (the baselines always take TRPO's step; they also ignore the admm_* and edge_order settings)"""
-    advantage_norm: str = "pooled"
-    """pooled: one mean and std over all agents' advantages (the authors' code); local: each agent its own"""
+    advantage_norm: str | None = None
+    """pooled: one mean and std over all agents' advantages (the authors' MATRPO); local: each agent its own (the
+    authors' TRPO baseline); None: local for --mode independent, pooled otherwise"""
     gamma: float = 0.995
     """the discount factor gamma"""
     gae_lambda: float = 0.95
@@ -132,7 +135,7 @@ ARG_RANGES = (
     ),
     ("num_agents", lambda x: x >= 2, ">= 2"),
     ("gamma gae_lambda backtrack_coef", lambda x: 0 < x <= 1, "in (0, 1]"),
-    ("cg_damping", lambda x: x >= 0, ">= 0"),
+    ("cg_damping eval_interval", lambda x: x >= 0, ">= 0"),
 )
 CHOICES = {"mode": MODES, "edge_order": EDGE_ORDERS, "x_update": X_UPDATES, "advantage_norm": ADVANTAGE_NORMS}
 
@@ -562,21 +565,25 @@ def joint_action(policies, obs_keys, executors, obs: dict, deterministic: bool, 
     return torch.stack([chosen[p][..., h] for p, h in executors], -1)
 
 
-def evaluate_team(policies, obs_keys, executors, env: gym.Env, num_episodes: int, seed: int, device) -> np.ndarray:
-    """Team returns of num_episodes episodes with deterministic actions (each head's argmax)."""
-    returns = []
-    obs, _ = env.reset(seed=seed)
-    while len(returns) < num_episodes:
-        episode_return, done = 0.0, False
-        while not done:
-            with torch.no_grad():
-                action = joint_action(policies, obs_keys, executors, obs, True, device)
-            obs, reward, terminated, truncated, _ = env.step(tuple(action.cpu().numpy()))
-            episode_return += reward
-            done = terminated or truncated
-        returns.append(episode_return)
-        obs, _ = env.reset()
-    return np.array(returns)
+def env_seeds(seed: int, num_envs: int, purpose: int, step: int = 0) -> list[int]:
+    """One independent seed per env: numpy's SeedSequence gives every (run seed, purpose, step, env index) a stream of
+    its own, so runs with neighbouring seeds share no env (seeding env i with seed + i would). purpose 0: the training
+    envs, started at `step` (a resumed run starts fresh episodes instead of replaying its first ones); 1: evaluation."""
+    sequence = np.random.SeedSequence(seed, spawn_key=(purpose, step))
+    return [int(child.generate_state(1)[0]) for child in sequence.spawn(num_envs)]
+
+
+def evaluate_team(policies, obs_keys, executors, envs: gym.vector.VectorEnv, seeds: list[int], device) -> np.ndarray:
+    """Team return of one episode per env with deterministic actions (each head's argmax), all envs in parallel."""
+    obs, _ = envs.reset(seed=seeds)
+    returns, finished = np.zeros(envs.num_envs), np.zeros(envs.num_envs, dtype=bool)
+    while not finished.all():
+        with torch.no_grad():
+            action = joint_action(policies, obs_keys, executors, obs, True, device)
+        obs, rewards, terminated, truncated, _ = envs.step(tuple(action.T.cpu().numpy()))
+        returns += np.where(finished, 0.0, rewards)
+        finished |= terminated | truncated
+    return returns
 
 
 class NonFiniteError(Exception):
@@ -596,6 +603,8 @@ def check_finite(metrics: dict, networks: dict):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if args.advantage_norm is None:  # the authors' code: pooled for MATRPO, each agent its own for independent TRPO
+        args.advantage_norm = "local" if args.mode == "independent" else "pooled"
     args.batch_size = args.num_envs * args.num_steps
     args.num_iterations = args.total_timesteps // max(args.batch_size, 1)
     validate_args(args)
@@ -624,13 +633,16 @@ if __name__ == "__main__":
         json.dump({**vars(args), "command": " ".join(sys.argv)}, f, indent=2)
 
     # env setup
-    def make_eval_env() -> gym.Env:
-        env = make_env(args.num_agents, args.max_cycles, "rgb_array" if args.capture_video else None)()
-        if args.capture_video:
-            env = gym.wrappers.RecordVideo(
-                env, os.path.join(run_dir, "videos"), episode_trigger=lambda e: e == 0, disable_logger=True
+    def make_eval_envs(video: bool) -> gym.vector.SyncVectorEnv:
+        """One env per evaluation episode; with video, env 0 films its episode."""
+        render_modes = ["rgb_array" if video and i == 0 else None for i in range(args.eval_episodes)]
+        thunks = [make_env(args.num_agents, args.max_cycles, render_mode) for render_mode in render_modes]
+        if video:
+            first = thunks[0]
+            thunks[0] = lambda: gym.wrappers.RecordVideo(
+                first(), os.path.join(run_dir, "videos"), episode_trigger=lambda e: e == 0, disable_logger=True
             )
-        return env
+        return gym.vector.SyncVectorEnv(thunks)
 
     envs = gym.vector.SyncVectorEnv(
         [make_env(args.num_agents, args.max_cycles) for _ in range(args.num_envs)],
@@ -669,6 +681,7 @@ if __name__ == "__main__":
             "rng": rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
             "args": vars(args),
+            "script": os.path.basename(__file__),
         }
 
     global_step, iteration = 0, 0
@@ -714,8 +727,11 @@ if __name__ == "__main__":
         if args.track:
             wandb.log(metrics, step=metrics["global_step"])
 
-    def evaluate_and_log():
-        returns = evaluate_team(policies, obs_keys, executors, make_eval_env(), args.eval_episodes, args.seed, device)
+    def evaluate_and_log(eval_envs: gym.vector.VectorEnv | None = None):
+        """Evaluate at global_step on the given envs, or on new ones, then closed (which writes the video)."""
+        envs_now = make_eval_envs(args.capture_video) if eval_envs is None else eval_envs
+        seeds = env_seeds(args.seed, args.eval_episodes, purpose=1)
+        returns = evaluate_team(policies, obs_keys, executors, envs_now, seeds, device)
         print(f"eval/episodic_return={returns.mean():.2f} +- {returns.std():.2f} over {len(returns)} episodes")
         log(
             {
@@ -724,10 +740,13 @@ if __name__ == "__main__":
                 "eval/episodic_return_std": returns.std(),
             }
         )
+        if eval_envs is None:
+            envs_now.close()
 
     if args.eval_checkpoint:
         evaluate_and_log()
         sys.exit(0)
+    periodic_eval_envs = make_eval_envs(video=False) if args.eval_interval else None
 
     # Ctrl-C or SIGTERM: finish the iteration, save and stop; a second signal stops at once
     stop_requested = []
@@ -748,8 +767,8 @@ if __name__ == "__main__":
     rewards, values, next_values = (torch.zeros((T, E, num_policies), device=device) for _ in range(3))
     terminations, dones = torch.zeros((T, E), device=device), torch.zeros((T, E), device=device)
 
-    # start the game; env i is seeded with seed + global_step + i, so a resumed run does not replay its first episodes
-    next_obs, _ = envs.reset(seed=args.seed + global_step)
+    # start the game
+    next_obs, _ = envs.reset(seed=env_seeds(args.seed, E, purpose=0, step=global_step))
     episode_returns, episode_lengths = np.zeros((E, n)), np.zeros(E, dtype=int)
     last_good_checkpoint = copy.deepcopy(make_checkpoint()) if args.save_model else None
     start_time, start_step = time.time(), global_step
@@ -893,6 +912,10 @@ if __name__ == "__main__":
             log(metrics)
             episodic_return = metrics.get("charts/episodic_return", float("nan"))
             print(f"global_step={global_step}, episodic_return={episodic_return:.2f}, SPS={sps}")
+            # evaluate each time global_step passes a multiple of eval_interval (at the end, --save-model evaluates)
+            saved_and_evaluated_below = args.save_model and iteration == args.num_iterations
+            if args.eval_interval and global_step % args.eval_interval < E * T and not saved_and_evaluated_below:
+                evaluate_and_log(periodic_eval_envs)
 
             if args.save_model:
                 last_good_checkpoint = copy.deepcopy(make_checkpoint())

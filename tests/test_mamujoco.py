@@ -11,6 +11,8 @@ import subprocess
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
+import tyro
 from helpers import MAMUJOCO_SCRIPTS, SCRIPT_ENV, TINY, load_script, read_metrics, run_dirs, run_ok, script_command
 from test_end_to_end import expected_metrics
 
@@ -192,3 +194,88 @@ def test_scenario_runs_two_iterations(script, scenario, tmp_path):
         assert all(math.isfinite(value) for value in line.values())
     args = json.loads((run_dir / "args.json").read_text())
     assert args["env_id"] == scenario[1] and args["agent_obsk"] == (int(scenario[3]) if len(scenario) > 2 else None)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Actions as HARL sends them, and HARL's tuned values
+def test_gaussian_actions_map_linearly_onto_each_agents_bounds_on_humanoid():
+    """Humanoid-9|8: each agent's torque bounds are the MuJoCo model's ctrlrange of its joints (+-0.4). A sample a
+    goes to low + (a + 1) / 2 * (high - low), clipped: -1, 0 and 1 reach low, the centre and high; beyond, the bound."""
+    env = mamujoco.MaMuJoCoTeamEnv("Humanoid-9|8", None)
+    ctrlrange = env.robot.unwrapped.model.actuator_ctrlrange
+    samples = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0, 1.7, -3.0])
+    for joints, space in zip(env.joints, env.action_space):
+        low, high = ctrlrange[joints, 0], ctrlrange[joints, 1]
+        np.testing.assert_array_equal(space.low, low.astype(np.float32))
+        np.testing.assert_array_equal(space.high, high.astype(np.float32))
+        a = samples[:, None].expand(-1, len(joints))
+        sent = mamujoco.env_action(a, space)
+        expected = np.clip(low + (a.numpy() + 1) / 2 * (high - low), low, high)
+        np.testing.assert_allclose(sent, expected, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(sent[[0, 2, 4, 5, 6]], [low, (low + high) / 2, high, high, low], atol=1e-7)
+    assert [len(joints) for joints in env.joints] == [9, 8] and np.allclose(ctrlrange, [-0.4, 0.4])
+
+
+def test_actions_on_unit_bounds_are_sent_as_sampled():
+    """HalfCheetah's bounds are +-1: the mapping is the identity bit for bit, so runs made before it stay valid."""
+    space = mamujoco.MaMuJoCoTeamEnv("HalfCheetah-2x3", None).action_space[0]
+    a = torch.randn(1000, 3, generator=torch.Generator().manual_seed(0)) * 0.5
+    sent = mamujoco.env_action(a, space)
+    assert np.array_equal(sent, np.clip(a.numpy(), -1, 1)) and sent.dtype == np.float32
+
+
+# HARL's tuned_configs/mamujoco/<task>/<algorithm>/config.json, written out independently of the scripts' tables:
+# the full setting of every tuned field (Ant-2x4, which HARL did not tune, takes Ant-4x2's)
+HAPPO_FIELDS = ("clip_coef", "ppo_epochs", "critic_epochs", "num_minibatches", "ent_coef", "learning_rate",
+                "critic_learning_rate", "anneal_lr")  # fmt: skip
+HARL_HAPPO = {
+    "Ant-4x2": (0.1, 5, 5, 1, 0.0, 5e-4, 5e-4, False),
+    "HalfCheetah-2x3": (0.05, 15, 15, 1, 0.01, 5e-4, 5e-4, False),
+    "Hopper-3x1": (0.05, 10, 10, 1, 0.0, 5e-4, 5e-4, True),
+    "Walker2d-2x3": (0.05, 5, 5, 2, 0.0, 1e-3, 1e-3, True),
+    "Walker2d-6x1": (0.1, 5, 5, 1, 0.01, 5e-4, 5e-4, False),
+    "Humanoid-17x1": (0.1, 5, 5, 1, 0.0, 5e-4, 5e-4, True),
+    "Ant-2x4": (0.1, 5, 5, 1, 0.0, 5e-4, 5e-4, False),
+    "HalfCheetah-6x1": (0.2, 5, 5, 1, 0.0, 5e-4, 5e-4, False),  # not tuned: the general defaults
+}
+HARL_HATRPO_KL = {"Ant-4x2": 0.005, "HalfCheetah-2x3": 0.01, "Hopper-3x1": 0.001, "Walker2d-2x3": 0.01,
+                  "Walker2d-6x1": 0.005, "Ant-2x4": 0.005, "HalfCheetah-6x1": 0.01, "Humanoid-17x1": 0.01}  # fmt: skip
+
+
+def parsed_args(m, argv: list[str]):
+    """Args as the script builds them: tyro on argv, then the tuned values of the env id."""
+    args = tyro.cli(m.Args, args=argv)
+    m.apply_tuned_values(args, argv, m.TUNED.get(args.env_id, {}))
+    return args
+
+
+@pytest.mark.parametrize("env_id", HARL_HAPPO)
+def test_each_task_runs_with_harls_tuned_values(env_id):
+    happo, hatrpo = load_script("happo_mamujoco.py"), load_script("hatrpo_mamujoco.py")
+    args = parsed_args(happo, ["--env-id", env_id])
+    assert tuple(getattr(args, field) for field in HAPPO_FIELDS) == HARL_HAPPO[env_id]
+    args = parsed_args(hatrpo, ["--env-id", env_id])
+    assert (args.kl_threshold, args.critic_epochs, args.clip_coef, args.critic_learning_rate) == (
+        HARL_HATRPO_KL[env_id], 5, 0.2, 5e-4,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "flags", [["--clip-coef", "0.2"], ["--clip-coef=0.2"], ["--ppo-epochs", "5", "--no-anneal-lr"]],
+    ids=["space", "equals", "bool"],
+)  # fmt: skip
+def test_a_flag_on_the_command_line_wins_over_the_table_even_at_the_default(flags):
+    """0.2 and 5 are the general defaults: given explicitly, they still override HalfCheetah's 0.05 and 15."""
+    args = parsed_args(load_script("happo_mamujoco.py"), ["--env-id", "HalfCheetah-2x3", *flags])
+    given = {"clip_coef": 0.2} if "0.2" in " ".join(flags) else {"ppo_epochs": 5, "anneal_lr": False}
+    tuned = {"clip_coef": 0.05, "ppo_epochs": 15, "critic_epochs": 15, "ent_coef": 0.01}
+    for field, value in (tuned | given).items():
+        assert getattr(args, field) == value, field
+
+
+def test_args_json_records_the_values_used_and_those_from_the_table(tmp_path):
+    run_ok("happo_mamujoco.py", "--env-id", "HalfCheetah-2x3", "--clip-coef", "0.2", *TINY, cwd=tmp_path)
+    (run_dir,) = run_dirs(tmp_path)
+    args = json.loads((run_dir / "args.json").read_text())
+    assert (args["clip_coef"], args["ppo_epochs"], args["critic_epochs"], args["ent_coef"]) == (0.2, 15, 15, 0.01)
+    assert args["from_tuned_table"] == {"ppo_epochs": 15, "critic_epochs": 15, "ent_coef": 0.01}

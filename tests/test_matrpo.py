@@ -4,6 +4,7 @@ convex instance, Jacobian and Fisher products against explicit matrices, the lin
 then every mode end to end."""
 
 import itertools
+import json
 import math
 
 import gymnasium as gym
@@ -333,6 +334,9 @@ def test_mode_runs_two_iterations(flags, tmp_path):
     metrics = read_metrics(run_dir)
     assert [m["global_step"] for m in metrics] == [50, 100]
     mode = flags[1]
+    # the authors' code: each agent normalises its own advantages in the TRPO baseline, all pooled in MATRPO
+    advantage_norm = json.loads((run_dir / "args.json").read_text())["advantage_norm"]
+    assert advantage_norm == ("local" if mode == "independent" or "local" in flags else "pooled")
     learners = 1 if mode == "centralized" else 3
     stats = {"policy_loss", "entropy", "approx_kl", "kl"} | ({"line_search_steps"} if "prox" not in flags else set())
     expected = (

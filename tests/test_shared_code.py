@@ -17,7 +17,7 @@ from helpers import REPO, SCRIPTS, family, load_script
 from torch import nn
 
 PER_SCRIPT = {"Args"}  # each script's own command line; any other name defined twice must be the same code
-PER_FAMILY = {"validate_args", "make_env"}  # they know the environment: shared within a family
+PER_FAMILY = {"validate_args", "make_env", "env_action"}  # they know the environment: shared within a family
 
 
 def top_level_definitions(script: str) -> dict[str, str]:
@@ -154,9 +154,29 @@ def checkpoint_outputs(m, tmp_path) -> tuple:
 
 
 def evaluate_outputs(m) -> np.ndarray:
-    env = load_script("happo_mpe.py").make_env("simple_spread_v3", False, 25)()  # the same env for every script
+    make_env = load_script("happo_mpe.py").make_env("simple_spread_v3", False, 25)  # the same env for every script
     actors = [seeded(lambda: m.Actor(18, gym.spaces.Discrete(5), (8,)), seed) for seed in range(3)]
-    return m.evaluate(actors, env, 2, 5, "cpu")
+    agents = ["agent_0", "agent_1", "agent_2"]
+    return m.evaluate(actors, agents, gym.vector.SyncVectorEnv([make_env] * 2), seeds=[5, 6], device="cpu")
+
+
+def env_action_outputs(m) -> list:
+    if family(m.__name__ + ".py") == "mamujoco":  # Box actions on any bounds
+        return [m.env_action(torch.tensor([-1.0, 0.3, 1.7]), gym.spaces.Box(low, high, (3,))) for low, high in
+                [(-1.0, 1.0), (-0.4, 0.4), (-2.0, 1.0)]]  # fmt: skip
+    return [
+        m.env_action(torch.tensor([-0.5, 0.3, 1.7]), gym.spaces.Box(0.0, 1.0, (3,))),
+        m.env_action(torch.tensor(2), gym.spaces.Discrete(5)),
+    ]
+
+
+def tuned_values_outputs(m) -> list:
+    results = []
+    for argv in (["--env-id", "Ant-2x4"], ["--clip-coef", "0.2", "--no-anneal-lr"], ["--critic-epochs=3"]):
+        args = m.Args()
+        applied = m.apply_tuned_values(args, argv, tuned={"clip_coef": 0.05, "anneal_lr": True, "critic_epochs": 9})
+        results.append((applied, args.clip_coef, args.anneal_lr, args.critic_epochs))
+    return results
 
 
 def check_finite_outputs(m) -> list:
@@ -269,11 +289,12 @@ BEHAVIOUR = {
     "critic_update": lambda m, tmp_path: critic_update_outputs(m),
     "save_checkpoint": checkpoint_outputs,
     "load_checkpoint": checkpoint_outputs,
-    "env_action": lambda m, tmp_path: [
-        m.env_action(torch.tensor([-0.5, 0.3, 1.7]), gym.spaces.Box(0.0, 1.0, (3,))),
-        m.env_action(torch.tensor(2), gym.spaces.Discrete(5)),
-    ],  # fmt: skip
+    "env_action": lambda m, tmp_path: env_action_outputs(m),
+    "env_seeds": lambda m, tmp_path: [
+        m.env_seeds(seed=7, num_envs=3, purpose=p, step=s) for p, s in [(0, 0), (0, 800), (1, 0)]
+    ],
     "evaluate": lambda m, tmp_path: evaluate_outputs(m),
+    "apply_tuned_values": lambda m, tmp_path: tuned_values_outputs(m),
     "NonFiniteError": lambda m, tmp_path: check_finite_outputs(m),
     "check_finite": lambda m, tmp_path: check_finite_outputs(m),
     # defined in one script today; the sibling scripts of other environments will share them
