@@ -6,14 +6,18 @@
 Runs with the same script, env id and flags are one configuration; its seeds are averaged. Writes
     summary.csv     per configuration: seeds, final return (mean, std over seeds), evaluation return, steps,
                     training wall time, env-steps/s
-    milestones.csv  per configuration (and the HARL anchors in --anchors): the return at 100k, 250k, 500k, 1M,
-                    2M, 5M, 10M steps, mean and std over seeds
-    curves/{task}.png  mean return and a band of +-1 std over seeds, against env steps and against wall time
+    milestones.csv  per configuration (and the HARL anchors in --anchors): the training return and the
+                    deterministic evaluation return at 100k, 250k, 500k, 1M, 2M, 5M, 10M steps, mean and std over
+                    seeds; the published evaluation returns (published_eval.csv) at the steps they were read
+    curves/{task}.png  mean return and a band of +-1 std over seeds, against env steps and against wall time, and the
+                    evaluation return against env steps with the published points
 
-"Return at step s" is the mean of the logged `charts/episodic_return` values at steps in (s - window, s]; the final
-return is the same at the last logged step (a run still under way counts at its last step; `finished` in summary.csv
-says how many seeds are done). Wall time counts training only (no evaluation, no work lost to a stop):
-the scripts log `charts/SPS` since their process started, and the runner records the step each process resumed from.
+"Return at step s" is the mean of the logged `charts/episodic_return` values at steps in (s - window, s];
+"evaluation return at step s" the mean of the `eval/episodic_return` values at steps in (s - window, s + window]. The
+final return is the return at the last logged step (a run still under way counts at its last step; `finished` in
+summary.csv says how many seeds are done). Wall time counts training and the periodic evaluations, not the final
+evaluation nor work lost to a stop: the scripts log `charts/SPS` since their process started, and the runner records
+the step each process resumed from.
 """
 
 import argparse
@@ -80,7 +84,7 @@ def load_run(folder: Path) -> dict | None:
     steps = np.array([m["global_step"] for m in timed], dtype=float)
     seconds = training_seconds(steps, [m["charts/SPS"] for m in timed], resumed)
     with_return = [i for i, m in enumerate(timed) if RETURN in m]
-    evals = [m["eval/episodic_return"] for m in lines if "eval/episodic_return" in m]
+    evals = [m for m in lines if "eval/episodic_return" in m]
     return dict(
         **run,
         config=(run["script"], run["env_id"] or "default", " ".join(run["flags"])),
@@ -89,7 +93,9 @@ def load_run(folder: Path) -> dict | None:
         returns=np.array([timed[i][RETURN] for i in with_return], dtype=float),
         last_step=int(steps[-1]),
         wall_seconds=float(seconds[-1]),
-        eval_return=evals[-1] if evals else math.nan,
+        eval_steps=np.array([m["global_step"] for m in evals], dtype=float),
+        eval_returns=np.array([m["eval/episodic_return"] for m in evals], dtype=float),
+        eval_return=evals[-1]["eval/episodic_return"] if evals else math.nan,
         done=(folder / "done").exists(),
     )
 
@@ -113,6 +119,19 @@ def load_anchors(folder: Path) -> dict:
                 dict(seed=int(seed), steps=np.array(steps), returns=np.array(returns))
             )
     return anchors
+
+
+def load_published(path: Path) -> list[dict]:
+    """The published evaluation returns read off the papers' figures: source, algo, env_id, step, eval_return."""
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [row | dict(step=int(row["step"]), eval_return=float(row["eval_return"])) for row in csv.DictReader(f)]
+
+
+def eval_at(run: dict, at: float, window: float) -> float:
+    inside = (run.get("eval_steps", np.array([])) > at - window) & (run.get("eval_steps", np.array([])) <= at + window)
+    return float(run["eval_returns"][inside].mean()) if inside.any() else math.nan
 
 
 def mean_std(values) -> tuple[float, float]:
@@ -155,9 +174,16 @@ def milestones(configs: dict, window: int) -> list[dict]:
         reached = min(r["steps"][-1] for r in runs if len(r["steps"])) if any(len(r["steps"]) for r in runs) else 0
         for at in (s for s in MILESTONES if s <= reached):
             mean, std = mean_std([window_mean(r["steps"], r["returns"], at, window) for r in runs])
+            eval_mean, eval_std = mean_std([eval_at(r, at, window) for r in runs])
             row = dict(script=script, env_id=env_id, flags=flags, seeds=len(runs), step=at)
-            rows.append(row | dict(return_mean=mean, return_std=std))
+            rows.append(row | dict(return_mean=mean, return_std=std, eval_mean=eval_mean, eval_std=eval_std))
     return rows
+
+
+def published_milestones(published: list[dict]) -> list[dict]:
+    return [dict(script=f"{p['source']}: {p['algo']}", env_id=p["env_id"], flags="", seeds="", step=p["step"],
+                 return_mean=math.nan, return_std=math.nan, eval_mean=p["eval_return"], eval_std=math.nan)
+            for p in published]  # fmt: skip
 
 
 def write_csv(path: Path, rows: list[dict]):
@@ -185,32 +211,62 @@ def figure_name(task: str, continuous: bool) -> str:
     return task + "_continuous" if continuous else task
 
 
-def plot(env_id: str, configs: dict, anchors: dict, window: int, path: Path):
+def eval_band(runs: list[dict]):
+    """Mean and std over seeds of the evaluation returns, at the evaluation steps every seed has reached."""
+    end = min(r["eval_steps"][-1] for r in runs)
+    grid = runs[0]["eval_steps"][runs[0]["eval_steps"] <= end]
+    curves = np.array([np.interp(grid, r["eval_steps"], r["eval_returns"]) for r in runs])
+    return grid, curves.mean(0), curves.std(0)
+
+
+def plot(env_id: str, configs: dict, anchors: dict, published: list[dict], window: int, path: Path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    legend_height = 0.2 * (len(configs) + len(anchors)) + 0.2  # inches, one line per curve below the axes
-    fig, (by_steps, by_time) = plt.subplots(1, 2, figsize=(12, 4.2 + legend_height))
+    evaluated = {c: runs for c, runs in configs.items() if all(len(r["eval_steps"]) > 1 for r in runs)}
+    legend_height = 0.2 * (len(configs) + len(anchors) + len(published)) + 0.2  # inches, one line per curve below
+    panels = 3 if evaluated else 2
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.2 + legend_height))
+    by_steps, by_time = axes[:2]
+    colors = {}
     for (script, _, flags), runs in sorted(configs.items()):
         label = f"{Path(script).stem} {flags} ({len(runs)} seeds)"
         for axis, x_key in ((by_steps, "steps"), (by_time, "seconds")):
             x, mean, std = band(runs, x_key, window)
             x = x / 1e6 if x_key == "steps" else x / 60
-            (line,) = axis.plot(x, mean, label=label)
+            (line,) = axis.plot(x, mean, label=label if axis is by_steps else None)
             axis.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+            colors[script, flags] = line.get_color()
+    if evaluated:
+        by_eval = axes[2]
+        for (script, _, flags), runs in sorted(evaluated.items()):
+            x, mean, std = eval_band(runs)
+            by_eval.plot(x / 1e6, mean, "o-", ms=2, color=colors[script, flags])
+            by_eval.fill_between(x / 1e6, mean - std, mean + std, color=colors[script, flags], alpha=0.2)
+        for point in published:
+            by_eval.plot(point["step"] / 1e6, point["eval_return"], "x" if point["algo"] == "happo" else "+", ms=9,
+                         color="black", label=f"{point['source']}: {point['algo']} (published evaluation)")  # fmt: skip
+        by_eval.set_xlabel("env steps (millions)")
+        by_eval.set_title("deterministic evaluation", fontsize=9)
     for (name, _, flavour), runs in sorted(anchors.items()):
         x, mean, std = band(runs, "steps", window)
         (line,) = by_steps.plot(x / 1e6, mean, "--", label=f"{name} {flavour} ({len(runs)} seeds, anchor)")
         by_steps.fill_between(x / 1e6, mean - std, mean + std, color=line.get_color(), alpha=0.15)
     by_steps.set_xlabel("env steps (millions)")
     by_time.set_xlabel("training wall time (minutes)")
-    for axis in (by_steps, by_time):
+    by_steps.set_title("training (stochastic policy)", fontsize=9)
+    for axis in axes:
         axis.set_ylabel("team return")
         axis.grid(alpha=0.3)
     fig.suptitle(f"{env_id}: mean over seeds, band = +-1 std")
-    fig.legend(*by_steps.get_legend_handles_labels(), loc="lower center", fontsize=8, frameon=False)
+    handles, labels = by_steps.get_legend_handles_labels()
+    if evaluated:  # one legend line per published source and algorithm
+        for handle, label in zip(*axes[2].get_legend_handles_labels()):
+            if label not in labels:
+                handles, labels = handles + [handle], labels + [label]
+    fig.legend(handles, labels, loc="lower center", fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, legend_height / (4.2 + legend_height), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -226,10 +282,14 @@ def main(argv=None):
     if not configs:
         raise SystemExit(f"error: no runs with metrics under {args.results}")
     anchors = load_anchors(Path(args.anchors))
+    published = load_published(Path(args.anchors) / "published_eval.csv")
     out = Path(args.out)
     (out / "curves").mkdir(parents=True, exist_ok=True)
     write_csv(out / "summary.csv", summarise(configs, args.window))
-    write_csv(out / "milestones.csv", milestones(configs, args.window) + milestones(anchors, args.window))
+    write_csv(
+        out / "milestones.csv",
+        milestones(configs, args.window) + milestones(anchors, args.window) + published_milestones(published),
+    )
     # one figure per task (the script's name where it ran its default task, e.g. matrpo_admm); HARL's curves join
     # their task's figure
     figures = defaultdict(dict)
@@ -240,7 +300,8 @@ def main(argv=None):
             figures[figure_name(task, "--continuous-actions" in flags.split())][script, env_id, flags] = runs
     for task, task_configs in sorted(figures.items()):
         task_anchors = {c: runs for c, runs in anchors.items() if figure_name(c[1], c[2] == "continuous") == task}
-        plot(task, task_configs, task_anchors, args.window, out / "curves" / f"{task}.png")
+        task_published = [p for p in published if p["env_id"] == task]
+        plot(task, task_configs, task_anchors, task_published, args.window, out / "curves" / f"{task}.png")
     print(
         f"wrote {out / 'summary.csv'}, {out / 'milestones.csv'} and {len(list((out / 'curves').glob('*.png')))} plots"
     )

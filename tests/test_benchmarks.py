@@ -239,3 +239,28 @@ def test_sweep_configuration_runs_the_script_as_the_wandb_agent_would(tmp_path):
     (run_dir,) = (tmp_path / "runs").iterdir()
     args = json.loads((run_dir / "args.json").read_text())
     assert (args["env_id"], args["seed"], args["track"], args["total_timesteps"]) == ("simple_spread_v3", 1, True, 100)
+
+
+def test_report_evaluation_milestones_sit_beside_the_published_points(tmp_path):
+    """Evaluation lines every 50k steps (value = step / 1000); the milestone at s averages those in (s - 20k, s + 20k]
+    over seeds; the published evaluation returns join milestones.csv at their own steps."""
+    for seed, offset in ((1, 0.0), (2, 10.0)):
+        write_run(tmp_path, seed, [-80.0 + i for i in range(30)])
+        metrics = tmp_path / f"happo_mpe__x__s{seed}" / "runs" / "r" / "metrics.jsonl"
+        evals = [{"global_step": s, "eval/episodic_return": s / 1000 + offset} for s in range(50_000, 300_001, 50_000)]
+        metrics.write_text(metrics.read_text() + "\n" + "\n".join(json.dumps(m) for m in evals))
+    anchors = tmp_path / "anchors"
+    anchors.mkdir()
+    (anchors / "published_eval.csv").write_text("source,algo,env_id,step,eval_return\npaper,happo,x,250000,7000\n")
+    out = tmp_path / "out"
+    report.main(["--results", str(tmp_path), "--out", str(out), "--anchors", str(anchors), "--window", "20000"])
+    got = {
+        (m["script"], int(m["step"])): (m["eval_mean"], m["eval_std"])
+        for m in csv.DictReader(open(out / "milestones.csv"))
+    }
+    assert got == {
+        ("happo_mpe.py", 100_000): ("105", "5"),  # seeds 100 and 110
+        ("happo_mpe.py", 250_000): ("255", "5"),
+        ("paper: happo", 250_000): ("7000", "nan"),
+    }
+    assert list(out.glob("curves/*.png")) == [out / "curves" / "x.png"]
