@@ -7,6 +7,7 @@ import math
 import os
 import random
 import re
+import shlex
 import signal
 import sys
 import time
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import gymnasium as gym
+import mujoco
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -218,6 +220,8 @@ def validate_args(args: Args):
         fail(f"--hidden-sizes must be one or more positive sizes, got {args.hidden_sizes}")
     if args.batch_size % args.num_minibatches != 0:
         fail(f"batch of {args.batch_size} steps is not divisible by --num-minibatches {args.num_minibatches}")
+    if args.batch_size < 2:
+        fail(f"--num-envs x --num-steps must be 2 or more to normalise the advantages, got {args.batch_size}")
     if args.total_timesteps < args.batch_size:
         fail(f"--total-timesteps {args.total_timesteps} is smaller than one batch of {args.batch_size} steps")
     if args.resume and args.eval_checkpoint:
@@ -257,6 +261,10 @@ class MaMuJoCoTeamEnv(gym.Env):
 
     def __init__(self, env_id: str, agent_obsk: int | None, render_mode: str | None = None):
         scenario, _, partition = env_id.rpartition("-")
+        # MuJoCo warns "settotalmass is deprecated" for every robot model built from mamujoco_v1's XML: drop just that
+        mujoco.set_mju_user_warning(
+            lambda text: None if "settotalmass" in text else print(f"WARNING: {text}", file=sys.stderr)
+        )
         if render_mode is not None:
             os.environ.setdefault("MUJOCO_GL", "egl")  # render without a display, unless MUJOCO_GL says otherwise
         self.ma_env = mamujoco_v1.parallel_env(
@@ -471,20 +479,7 @@ def fisher_vector_product(actor, obs, damping: float) -> Callable:
     return fvp
 
 
-def hatrpo_update(
-    actor,
-    obs,
-    actions,
-    logp_old,
-    advantages,
-    factor,
-    kl_threshold,
-    ls_steps,
-    backtrack_coef,
-    accept_ratio,
-    cg_iters,
-    cg_damping,
-) -> dict:
+def hatrpo_update(actor, obs, actions, logp_old, advantages, factor, args: Args) -> dict:
     """HATRPO update of one agent i_m: maximise L = E[r M A] subject to mean KL(pi_old || pi_new) < kl_threshold,
     with r = pi_new(a|o) / pi_old(a|o) and M the factor of the agents updated before it. One natural-gradient step,
     shortened by a backtracking line search; if no fraction is accepted the agent does not move."""
@@ -498,25 +493,29 @@ def hatrpo_update(
 
     surrogate_old = surrogate(actor.distribution(obs))
     g = parameters_to_vector(torch.autograd.grad(surrogate_old, params))
-    fvp = fisher_vector_product(actor, obs, cg_damping)
-    x = conjugate_gradient(fvp, g, cg_iters)  # x = (F + damping I)^{-1} g
+    fvp = fisher_vector_product(actor, obs, args.cg_damping)
+    x = conjugate_gradient(fvp, g, args.cg_iters)  # x = (F + damping I)^{-1} g
     # the full step s = beta x has the quadratic KL estimate 1/2 s^T (F + damping I) s = kl_threshold
     x_F_x = x @ fvp(x)
-    full_step = x * torch.sqrt(2 * kl_threshold / x_F_x) if x_F_x > 0 else torch.zeros_like(x)
+    full_step = x * torch.sqrt(2 * args.kl_threshold / x_F_x) if x_F_x > 0 else torch.zeros_like(x)
     expected_full = (g @ full_step).item()  # the linear prediction of the full step's improvement
 
-    with torch.no_grad():  # backtracking line search over the fractions backtrack_coef**steps
-        for steps in range(ls_steps):
-            fraction = backtrack_coef**steps
+    with torch.no_grad():  # backtracking line search over the fractions args.backtrack_coef**steps
+        for steps in range(args.ls_steps):
+            fraction = args.backtrack_coef**steps
             vector_to_parameters(params_old + fraction * full_step, params)
             dist = actor.distribution(obs)
             kl = kl_divergence(dist_old, dist).mean().item()
             improvement = (surrogate(dist) - surrogate_old).item()
-            if kl < kl_threshold and improvement > 0 and improvement / (fraction * expected_full) > accept_ratio:
+            if (
+                kl < args.kl_threshold
+                and improvement > 0
+                and improvement / (fraction * expected_full) > args.accept_ratio
+            ):
                 break
         else:  # no fraction accepted: restore the old parameters (the agent's ratio stays 1)
             vector_to_parameters(params_old, params)
-            steps, fraction, dist, kl, improvement = ls_steps, 0.0, dist_old, 0.0, 0.0
+            steps, fraction, dist, kl, improvement = args.ls_steps, 0.0, dist_old, 0.0, 0.0
         logratio = dist.log_prob(actions) - logp_old
         return {
             "policy_loss": -(surrogate_old.item() + improvement),
@@ -529,55 +528,26 @@ def hatrpo_update(
         }
 
 
-def sequential_update(actors, obs, actions, logp_old, order, sequential: bool, update_agent: Callable) -> tuple:
-    """Update the agents one after another in `order`. Agent i_m is trained by update_agent(i_m, M) with the factor
-    M^{i_{1:m-1}} = prod_{j<m} pi_new^{i_j}(a^{i_j}|o^{i_j}) / pi_old^{i_j}(a^{i_j}|o^{i_j}) of the agents updated
-    before it (detached, not clipped); with sequential=False every agent gets M = 1.
-    Returns each agent's update statistics and the factor it was given."""
-    factor = torch.ones_like(logp_old[0])
-    stats, factors = {}, {}
-    for i in order:
-        factors[i] = factor
-        stats[i] = update_agent(i, factor)
-        if sequential:
-            with torch.no_grad():
-                logp_new = actors[i].distribution(obs[i]).log_prob(actions[i])
-            factor = factor * torch.exp(logp_new - logp_old[i])
-    return stats, factors
-
-
-def critic_update(
-    critic,
-    optimizer,
-    states,
-    targets,
-    old_values,
-    clip_coef: float,
-    huber_delta: float,
-    epochs: int,
-    num_minibatches: int,
-    max_grad_norm: float,
-    rng: np.random.Generator,
-) -> float:
+def critic_update(critic, optimizer, states, targets, old_values, args: Args, rng: np.random.Generator) -> float:
     """Fit V(s) to the normalised returns with the clipped Huber loss of HARL. Returns the mean loss."""
     total = 0.0
-    for _ in range(epochs):
-        for mb in minibatches(rng, len(targets), num_minibatches):
+    for _ in range(args.critic_epochs):
+        for mb in minibatches(rng, len(targets), args.num_minibatches):
             values = critic(states[mb])
-            values_clipped = old_values[mb] + (values - old_values[mb]).clamp(-clip_coef, clip_coef)
-            loss_unclipped = F.huber_loss(values, targets[mb], reduction="none", delta=huber_delta)
-            loss_clipped = F.huber_loss(values_clipped, targets[mb], reduction="none", delta=huber_delta)
+            values_clipped = old_values[mb] + (values - old_values[mb]).clamp(-args.clip_coef, args.clip_coef)
+            loss_unclipped = F.huber_loss(values, targets[mb], reduction="none", delta=args.huber_delta)
+            loss_clipped = F.huber_loss(values_clipped, targets[mb], reduction="none", delta=args.huber_delta)
             value_loss = torch.max(loss_unclipped, loss_clipped).mean()
             optimizer.zero_grad()
             value_loss.backward()
-            nn.utils.clip_grad_norm_(critic.parameters(), max_grad_norm)
+            nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
             optimizer.step()
             total += value_loss.item()
-    return total / (epochs * num_minibatches)
+    return total / (args.critic_epochs * args.num_minibatches)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints and evaluation
+# Harness: checkpoints, run folder, console, signals, evaluation. Boilerplate a researcher may skip.
 ARCHITECTURE_ARGS = ("env_id", "agent_obsk", "hidden_sizes")
 
 
@@ -588,15 +558,16 @@ def load_checkpoint(path: str, args: Args) -> dict:
         saved_args = checkpoint["args"]
     except Exception as e:
         fail(f"cannot read checkpoint {path!r}: {type(e).__name__}: {e}")
-    if set(saved_args) != set(vars(args)):  # e.g. a HATRPO checkpoint given to HAPPO
+    made_by = checkpoint.get("script")  # None in checkpoints of older code: then the argument sets tell
+    if made_by not in (None, os.path.basename(__file__)):
+        fail(f"checkpoint {path!r} was made by another script, {made_by}; use that script")
+    if set(saved_args) != set(vars(args)):
         differing = ", ".join(sorted(set(saved_args) ^ set(vars(args))))
         fail(f"checkpoint {path!r} was made by another script (arguments {differing} differ); use that script")
     for name in ARCHITECTURE_ARGS:
         if saved_args.get(name) != getattr(args, name):
-            fail(
-                f"checkpoint {path!r} was made with {name}={saved_args.get(name)!r}, these args have "
-                f"{name}={getattr(args, name)!r}; pass the same value"
-            )
+            fail(f"checkpoint {path!r} was made with {name}={saved_args.get(name)!r}, these args have "
+                 f"{name}={getattr(args, name)!r}; pass the same value")  # fmt: skip
     return checkpoint
 
 
@@ -604,6 +575,76 @@ def save_checkpoint(checkpoint: dict, path: str):
     """Write atomically: a crash never leaves a half-written checkpoint."""
     torch.save(checkpoint, path + ".tmp")
     os.replace(path + ".tmp", path)
+
+
+def safe_name(name: str) -> str:
+    """A file name that pastes into a shell: characters other than letters, digits and ._=+- become _."""
+    return re.sub(r"[^\w.=+-]", "_", name)
+
+
+def start_run(run_dir: str, record: dict, resume_step: int | None):
+    """Create the run folder with args.json; open metrics.jsonl to append. On --resume (resume_step: the checkpoint's
+    step) keep only the lines up to that step and drop a line cut by a crash, with a warning."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(record, f, indent=2)
+        if resume_step is not None and os.path.exists(path):
+            kept = []
+            with open(path) as f:
+                for number, line in enumerate(f, 1):
+                    try:
+                        kept += [line.rstrip("\n") + "\n"] if json.loads(line)["global_step"] <= resume_step else []
+                    except json.JSONDecodeError:
+                        print(f"warning: dropped line {number} of {path}, cut by a crash", file=sys.stderr)
+            with open(path, "w") as f:
+                f.writelines(kept)
+        return open(path, "a")
+    except OSError as e:
+        fail(f"cannot write the run folder {run_dir!r} ({e.strerror}); run from a folder you can write to")
+
+
+def check_wandb_login():
+    """--track without a terminal: wandb cannot ask for its API key, so check it before training starts."""
+    import wandb
+
+    if os.environ.get("WANDB_MODE") not in ("offline", "disabled") and not sys.stdin.isatty():
+        if not wandb.login(prompt=False, verify=False):
+            fail("--track needs a W&B login: run `wandb login` once, or log offline with WANDB_MODE=offline")
+
+
+def progress_line(step: int, total: int, steps_per_second: float, episodes: str) -> str:
+    """The console line of an iteration: step / total, percent, env-steps/s, ETA and the latest episodes' return."""
+    eta = int((total - step) / max(steps_per_second, 1e-9))
+    return (f"step {step:,}/{total:,} ({100 * step / total:.1f}%) | {steps_per_second:,.0f} steps/s | "
+            f"ETA {eta // 3600}:{eta % 3600 // 60:02}:{eta % 60:02} | {episodes}")  # fmt: skip
+
+
+def raise_keyboard_interrupt(signum, frame):
+    """The SIGTERM (and SIGINT) handler: both end training through KeyboardInterrupt, with the signal's number."""
+    raise KeyboardInterrupt(signum)
+
+
+def resume_command(checkpoint_path: str) -> str:
+    """This run's command line with --resume checkpoint_path (in place of an earlier --resume)."""
+    argv = sys.argv[1:]
+    kept = [a for a, previous in zip(argv, ["", *argv]) if "--resume" not in (a.split("=")[0], previous)]
+    return shlex.join(["python", sys.argv[0], *kept, "--resume", checkpoint_path])
+
+
+def stop(reason: BaseException, global_step: int, checkpoint: dict | None, path: str):
+    """End training on Ctrl-C or SIGTERM (exit 128 + signal) or a NaN/inf (exit 1), saving the last good checkpoint."""
+    if checkpoint is None:
+        saved = "nothing saved (--save-model saves checkpoints)"
+    else:
+        save_checkpoint(checkpoint, path)
+        saved = f"saved global_step={checkpoint['global_step']} to {path}; resume with: {resume_command(path)}"
+    if isinstance(reason, NonFiniteError):
+        print(f"error: {reason} at global_step={global_step}; stopping, {saved}", file=sys.stderr)
+        sys.exit(1)
+    print(f"interrupted at global_step={global_step}: {saved}", flush=True)
+    sys.exit(128 + (reason.args[0] if reason.args else signal.SIGINT))
 
 
 def env_action(action: torch.Tensor, space: gym.spaces.Box) -> np.ndarray:
@@ -660,6 +701,8 @@ if __name__ == "__main__":
     validate_args(args)
     checkpoint_to_load = args.resume or args.eval_checkpoint
     checkpoint = load_checkpoint(checkpoint_to_load, args) if checkpoint_to_load else None
+    if args.track:
+        check_wandb_login()
 
     # seeding
     random.seed(args.seed)
@@ -671,15 +714,9 @@ if __name__ == "__main__":
     rng = np.random.default_rng(args.seed)  # agent orders and minibatch shuffles
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    if args.resume:
-        run_dir = os.path.dirname(os.path.abspath(args.resume))
-    else:
-        run_dir = os.path.join("runs", f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
-    run_name = os.path.basename(run_dir)
-    os.makedirs(run_dir, exist_ok=True)
-    checkpoint_path = os.path.join(run_dir, f"{args.exp_name}.pt")
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump({**vars(args), "command": " ".join(sys.argv), "from_tuned_table": tuned_values}, f, indent=2)
+    run_dir = os.path.join("runs", safe_name(f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"))
+    run_dir = os.path.dirname(os.path.abspath(args.resume)) if args.resume else run_dir
+    run_name, checkpoint_path = os.path.basename(run_dir), os.path.join(run_dir, safe_name(args.exp_name) + ".pt")
 
     # env setup
     def make_eval_envs(video: bool) -> gym.vector.SyncVectorEnv:
@@ -737,27 +774,19 @@ if __name__ == "__main__":
         torch.set_rng_state(checkpoint["torch_rng"])
         print(f"resumed from {args.resume} at global_step={global_step}")
 
-    # metrics: metrics.jsonl always; W&B with --track. A resumed run drops lines written after its checkpoint.
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    if args.resume and os.path.exists(metrics_path):
-        with open(metrics_path) as f:
-            kept = [line for line in f if json.loads(line)["global_step"] <= global_step]
-        with open(metrics_path, "w") as f:
-            f.writelines(kept)
-    metrics_file = open(metrics_path, "a")
+    # the run folder, metrics.jsonl (a resumed run drops lines written after its checkpoint) and W&B with --track
+    metrics_file = start_run(
+        run_dir,
+        {**vars(args), "command": " ".join(sys.argv), "from_tuned_table": tuned_values},
+        global_step if args.resume else None,
+    )
+    total = args.num_iterations * args.batch_size
+    print(f"run folder {run_dir}: {total:,} steps, on {device} with {torch.get_num_threads()} torch thread(s)")
     if args.track:
         import wandb
 
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            config=vars(args),
-            name=run_name,
-            id=run_name,
-            resume="allow",
-            dir=run_dir,
-            save_code=True,
-        )
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name,
+                   id=run_name, resume="allow", dir=run_dir, save_code=True)  # fmt: skip
 
     def log(metrics: dict):
         metrics_file.write(json.dumps(metrics) + "\n")
@@ -785,17 +814,9 @@ if __name__ == "__main__":
         sys.exit(0)
     periodic_eval_envs = make_eval_envs(video=False) if args.eval_interval else None
 
-    # Ctrl-C or SIGTERM: finish the iteration, save and stop; a second signal stops at once
-    stop_requested = []
-
-    def request_stop(signum, frame):
-        if stop_requested:
-            raise KeyboardInterrupt
-        stop_requested.append(signum)
-        print("stop requested: finishing this iteration (signal again to quit at once)", flush=True)
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    # Ctrl-C or SIGTERM raise KeyboardInterrupt: stop() saves the last good checkpoint and says how to resume
+    signal.signal(signal.SIGINT, raise_keyboard_interrupt)
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
 
     # rollout storage: one tensor per agent (observation and action sizes may differ between agents)
     T, E = args.num_steps, args.num_envs
@@ -813,9 +834,9 @@ if __name__ == "__main__":
     next_obs, _ = envs.reset(seed=env_seeds(args.seed, E, purpose=0, step=global_step))
     episode_returns, episode_lengths = np.zeros(E), np.zeros(E, dtype=int)
     last_good_checkpoint = copy.deepcopy(make_checkpoint()) if args.save_model else None
-    start_time, start_step = time.time(), global_step
+    start_time, start_step, episodes = time.time(), global_step, "no episode has ended yet"
     try:
-        while iteration < args.num_iterations and not stop_requested:
+        while iteration < args.num_iterations:
             iteration += 1
             if args.anneal_lr:
                 frac = 1.0 - (iteration - 1.0) / args.num_iterations
@@ -860,15 +881,8 @@ if __name__ == "__main__":
 
                 # advantages from the de-normalised values of the centralised critic
                 values_denormalized = value_norm.denormalize(values)
-                advantages, returns = compute_gae(
-                    rewards,
-                    values_denormalized,
-                    value_norm.denormalize(next_values),
-                    terminations,
-                    dones,
-                    args.gamma,
-                    args.gae_lambda,
-                )
+                advantages, returns = compute_gae(rewards, values_denormalized, value_norm.denormalize(next_values),
+                                                  terminations, dones, args.gamma, args.gae_lambda)  # fmt: skip
 
             # flatten the batch
             b_obs = [o.reshape((-1,) + o.shape[2:]) for o in obs]
@@ -877,47 +891,24 @@ if __name__ == "__main__":
             b_advantages = advantages.reshape(-1)
             b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std() + 1e-5)
 
-            # sequential per-agent update in a fresh random order
+            # sequential update in a fresh random order: agent i_m takes a TRPO step on its surrogate times the factor
+            # M = prod_{j<m} pi_new^{i_j} / pi_old^{i_j} of the agents updated before it (detached; --no-sequential: 1)
             order = list(range(num_agents)) if args.fixed_order else list(rng.permutation(num_agents))
-            agent_stats, _ = sequential_update(
-                actors,
-                b_obs,
-                b_actions,
-                b_logprobs,
-                order,
-                args.sequential,
-                lambda i, factor: hatrpo_update(
-                    actors[i],
-                    b_obs[i],
-                    b_actions[i],
-                    b_logprobs[i],
-                    b_advantages,
-                    factor,
-                    args.kl_threshold,
-                    args.ls_steps,
-                    args.backtrack_coef,
-                    args.accept_ratio,
-                    args.cg_iters,
-                    args.cg_damping,
-                ),
-            )
+            factor, agent_stats = torch.ones_like(b_logprobs[0]), {}
+            for i in order:
+                agent_stats[i] = hatrpo_update(
+                    actors[i], b_obs[i], b_actions[i], b_logprobs[i], b_advantages, factor, args
+                )
+                if args.sequential:
+                    with torch.no_grad():
+                        logp_new = actors[i].distribution(b_obs[i]).log_prob(b_actions[i])
+                    factor = factor * torch.exp(logp_new - b_logprobs[i])
 
             # critic: normalise the targets with statistics that include this batch, then fit V(s)
             b_returns = returns.reshape(-1)
             value_norm.update(b_returns)
-            value_loss = critic_update(
-                critic,
-                critic_optimizer,
-                states.reshape(-1, state_size),
-                value_norm.normalize(b_returns),
-                values.reshape(-1),
-                args.clip_coef,
-                args.huber_delta,
-                args.critic_epochs,
-                args.num_minibatches,
-                args.max_grad_norm,
-                rng,
-            )
+            b_states, b_targets = states.reshape(-1, state_size), value_norm.normalize(b_returns)
+            value_loss = critic_update(critic, critic_optimizer, b_states, b_targets, values.reshape(-1), args, rng)
 
             # logging
             sps = int((global_step - start_step) / (time.time() - start_time))
@@ -937,38 +928,28 @@ if __name__ == "__main__":
             for i in range(num_agents):
                 metrics.update({f"agent{i}/{name}": value for name, value in agent_stats[i].items()})
             check_finite(metrics, {**{f"agent{i}": actor for i, actor in enumerate(actors)}, "critic": critic})
-            log(metrics)
-            episodic_return = metrics.get("charts/episodic_return", float("nan"))
-            print(f"global_step={global_step}, episodic_return={episodic_return:.2f}, SPS={sps}")
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # a signal waits for the pair:
+            log(metrics)  # the metrics line and the checkpoint of the same step
+            if args.save_model:  # the state after a finite update: what an interrupt or a later NaN saves
+                last_good_checkpoint = copy.deepcopy(make_checkpoint())
+                if iteration % args.save_interval == 0 or iteration == args.num_iterations:
+                    save_checkpoint(last_good_checkpoint, checkpoint_path)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+            if finished_returns:
+                ended = f"{len(finished_returns)} episodes ended by step {global_step:,}"
+                episodes = f"episodic_return={metrics['charts/episodic_return']:.2f} ({ended})"
+            print(progress_line(global_step, total, sps, episodes))
             # evaluate each time global_step passes a multiple of eval_interval (at the end, --save-model evaluates)
             saved_and_evaluated_below = args.save_model and iteration == args.num_iterations
             if args.eval_interval and global_step % args.eval_interval < E * T and not saved_and_evaluated_below:
                 evaluate_and_log(periodic_eval_envs)
-
-            if args.save_model:
-                last_good_checkpoint = copy.deepcopy(make_checkpoint())
-                if iteration % args.save_interval == 0 or iteration == args.num_iterations or stop_requested:
-                    save_checkpoint(last_good_checkpoint, checkpoint_path)
-    except NonFiniteError as e:
-        if args.save_model:
-            save_checkpoint(last_good_checkpoint, checkpoint_path)
-        saved = f" (last good checkpoint: {checkpoint_path})" if args.save_model else ""
-        print(f"error: {e} at global_step={global_step}; stopping{saved}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print(
-            f"error: interrupted at global_step={global_step}; nothing saved since the last checkpoint", file=sys.stderr
-        )
-        sys.exit(130)
+    except (KeyboardInterrupt, NonFiniteError) as reason:
+        stop(reason, global_step, last_good_checkpoint, checkpoint_path)
     envs.close()
 
-    if args.save_model and not stop_requested:
+    if args.save_model:
         print(f"model saved to {checkpoint_path}")
         evaluate_and_log()
     metrics_file.close()
     if args.track:
         wandb.finish()
-    if stop_requested:
-        resume_hint = f"; resume with --resume {checkpoint_path}" if args.save_model else ""
-        print(f"stopped at global_step={global_step}{resume_hint}")
-        sys.exit(128 + stop_requested[0])

@@ -5,6 +5,8 @@ import json
 import math
 import os
 import random
+import re
+import shlex
 import signal
 import sys
 import time
@@ -152,6 +154,8 @@ def validate_args(args: Args):
                 fail(f"--{name.replace('_', '-')} must be {expected}, got {getattr(args, name)}")
     if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
         fail(f"--hidden-sizes must be one or more positive sizes, got {args.hidden_sizes}")
+    if args.batch_size < 2:
+        fail(f"--num-envs x --num-steps must be 2 or more to normalise the advantages, got {args.batch_size}")
     if args.total_timesteps < args.batch_size:
         fail(f"--total-timesteps {args.total_timesteps} is smaller than one batch of {args.batch_size} steps")
     if args.critic_minibatch_size > args.batch_size:
@@ -527,7 +531,7 @@ def fit_critic(critic, optimizer, obs, returns, epochs: int, minibatch_size: int
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints and evaluation
+# Harness: checkpoints, run folder, console, signals, evaluation. Boilerplate a researcher may skip.
 ARCHITECTURE_ARGS = ("num_agents", "mode", "hidden_sizes")
 
 
@@ -538,15 +542,16 @@ def load_checkpoint(path: str, args: Args) -> dict:
         saved_args = checkpoint["args"]
     except Exception as e:
         fail(f"cannot read checkpoint {path!r}: {type(e).__name__}: {e}")
-    if set(saved_args) != set(vars(args)):  # e.g. a HATRPO checkpoint given to HAPPO
+    made_by = checkpoint.get("script")  # None in checkpoints of older code: then the argument sets tell
+    if made_by not in (None, os.path.basename(__file__)):
+        fail(f"checkpoint {path!r} was made by another script, {made_by}; use that script")
+    if set(saved_args) != set(vars(args)):
         differing = ", ".join(sorted(set(saved_args) ^ set(vars(args))))
         fail(f"checkpoint {path!r} was made by another script (arguments {differing} differ); use that script")
     for name in ARCHITECTURE_ARGS:
         if saved_args.get(name) != getattr(args, name):
-            fail(
-                f"checkpoint {path!r} was made with {name}={saved_args.get(name)!r}, these args have "
-                f"{name}={getattr(args, name)!r}; pass the same value"
-            )
+            fail(f"checkpoint {path!r} was made with {name}={saved_args.get(name)!r}, these args have "
+                 f"{name}={getattr(args, name)!r}; pass the same value")  # fmt: skip
     return checkpoint
 
 
@@ -554,6 +559,76 @@ def save_checkpoint(checkpoint: dict, path: str):
     """Write atomically: a crash never leaves a half-written checkpoint."""
     torch.save(checkpoint, path + ".tmp")
     os.replace(path + ".tmp", path)
+
+
+def safe_name(name: str) -> str:
+    """A file name that pastes into a shell: characters other than letters, digits and ._=+- become _."""
+    return re.sub(r"[^\w.=+-]", "_", name)
+
+
+def start_run(run_dir: str, record: dict, resume_step: int | None):
+    """Create the run folder with args.json; open metrics.jsonl to append. On --resume (resume_step: the checkpoint's
+    step) keep only the lines up to that step and drop a line cut by a crash, with a warning."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(record, f, indent=2)
+        if resume_step is not None and os.path.exists(path):
+            kept = []
+            with open(path) as f:
+                for number, line in enumerate(f, 1):
+                    try:
+                        kept += [line.rstrip("\n") + "\n"] if json.loads(line)["global_step"] <= resume_step else []
+                    except json.JSONDecodeError:
+                        print(f"warning: dropped line {number} of {path}, cut by a crash", file=sys.stderr)
+            with open(path, "w") as f:
+                f.writelines(kept)
+        return open(path, "a")
+    except OSError as e:
+        fail(f"cannot write the run folder {run_dir!r} ({e.strerror}); run from a folder you can write to")
+
+
+def check_wandb_login():
+    """--track without a terminal: wandb cannot ask for its API key, so check it before training starts."""
+    import wandb
+
+    if os.environ.get("WANDB_MODE") not in ("offline", "disabled") and not sys.stdin.isatty():
+        if not wandb.login(prompt=False, verify=False):
+            fail("--track needs a W&B login: run `wandb login` once, or log offline with WANDB_MODE=offline")
+
+
+def progress_line(step: int, total: int, steps_per_second: float, episodes: str) -> str:
+    """The console line of an iteration: step / total, percent, env-steps/s, ETA and the latest episodes' return."""
+    eta = int((total - step) / max(steps_per_second, 1e-9))
+    return (f"step {step:,}/{total:,} ({100 * step / total:.1f}%) | {steps_per_second:,.0f} steps/s | "
+            f"ETA {eta // 3600}:{eta % 3600 // 60:02}:{eta % 60:02} | {episodes}")  # fmt: skip
+
+
+def raise_keyboard_interrupt(signum, frame):
+    """The SIGTERM (and SIGINT) handler: both end training through KeyboardInterrupt, with the signal's number."""
+    raise KeyboardInterrupt(signum)
+
+
+def resume_command(checkpoint_path: str) -> str:
+    """This run's command line with --resume checkpoint_path (in place of an earlier --resume)."""
+    argv = sys.argv[1:]
+    kept = [a for a, previous in zip(argv, ["", *argv]) if "--resume" not in (a.split("=")[0], previous)]
+    return shlex.join(["python", sys.argv[0], *kept, "--resume", checkpoint_path])
+
+
+def stop(reason: BaseException, global_step: int, checkpoint: dict | None, path: str):
+    """End training on Ctrl-C or SIGTERM (exit 128 + signal) or a NaN/inf (exit 1), saving the last good checkpoint."""
+    if checkpoint is None:
+        saved = "nothing saved (--save-model saves checkpoints)"
+    else:
+        save_checkpoint(checkpoint, path)
+        saved = f"saved global_step={checkpoint['global_step']} to {path}; resume with: {resume_command(path)}"
+    if isinstance(reason, NonFiniteError):
+        print(f"error: {reason} at global_step={global_step}; stopping, {saved}", file=sys.stderr)
+        sys.exit(1)
+    print(f"interrupted at global_step={global_step}: {saved}", flush=True)
+    sys.exit(128 + (reason.args[0] if reason.args else signal.SIGINT))
 
 
 def joint_action(policies, obs_keys, executors, obs: dict, deterministic: bool, device) -> torch.Tensor:
@@ -610,6 +685,8 @@ if __name__ == "__main__":
     validate_args(args)
     checkpoint_to_load = args.resume or args.eval_checkpoint
     checkpoint = load_checkpoint(checkpoint_to_load, args) if checkpoint_to_load else None
+    if args.track:
+        check_wandb_login()
 
     # seeding
     random.seed(args.seed)
@@ -622,15 +699,11 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     task_name = f"spread_private_{args.num_agents}"
-    if args.resume:
-        run_dir = os.path.dirname(os.path.abspath(args.resume))
-    else:
-        run_dir = os.path.join("runs", f"{task_name}__{args.exp_name}__{args.mode}__{args.seed}__{int(time.time())}")
-    run_name = os.path.basename(run_dir)
-    os.makedirs(run_dir, exist_ok=True)
-    checkpoint_path = os.path.join(run_dir, f"{args.exp_name}.pt")
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump({**vars(args), "command": " ".join(sys.argv)}, f, indent=2)
+    run_dir = os.path.join(
+        "runs", safe_name(f"{task_name}__{args.exp_name}__{args.mode}__{args.seed}__{int(time.time())}")
+    )
+    run_dir = os.path.dirname(os.path.abspath(args.resume)) if args.resume else run_dir
+    run_name, checkpoint_path = os.path.basename(run_dir), os.path.join(run_dir, safe_name(args.exp_name) + ".pt")
 
     # env setup
     def make_eval_envs(video: bool) -> gym.vector.SyncVectorEnv:
@@ -699,27 +772,17 @@ if __name__ == "__main__":
         torch.set_rng_state(checkpoint["torch_rng"])
         print(f"resumed from {args.resume} at global_step={global_step}")
 
-    # metrics: metrics.jsonl always; W&B with --track. A resumed run drops lines written after its checkpoint.
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    if args.resume and os.path.exists(metrics_path):
-        with open(metrics_path) as f:
-            kept = [line for line in f if json.loads(line)["global_step"] <= global_step]
-        with open(metrics_path, "w") as f:
-            f.writelines(kept)
-    metrics_file = open(metrics_path, "a")
+    # the run folder, metrics.jsonl (a resumed run drops lines written after its checkpoint) and W&B with --track
+    metrics_file = start_run(
+        run_dir, {**vars(args), "command": " ".join(sys.argv)}, global_step if args.resume else None
+    )
+    total = args.num_iterations * args.batch_size
+    print(f"run folder {run_dir}: {total:,} steps, on {device} with {torch.get_num_threads()} torch thread(s)")
     if args.track:
         import wandb
 
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            config=vars(args),
-            name=run_name,
-            id=run_name,
-            resume="allow",
-            dir=run_dir,
-            save_code=True,
-        )
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name,
+                   id=run_name, resume="allow", dir=run_dir, save_code=True)  # fmt: skip
 
     def log(metrics: dict):
         metrics_file.write(json.dumps(metrics) + "\n")
@@ -748,17 +811,9 @@ if __name__ == "__main__":
         sys.exit(0)
     periodic_eval_envs = make_eval_envs(video=False) if args.eval_interval else None
 
-    # Ctrl-C or SIGTERM: finish the iteration, save and stop; a second signal stops at once
-    stop_requested = []
-
-    def request_stop(signum, frame):
-        if stop_requested:
-            raise KeyboardInterrupt
-        stop_requested.append(signum)
-        print("stop requested: finishing this iteration (signal again to quit at once)", flush=True)
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    # Ctrl-C or SIGTERM raise KeyboardInterrupt: stop() saves the last good checkpoint and says how to resume
+    signal.signal(signal.SIGINT, raise_keyboard_interrupt)
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
 
     # rollout storage: per policy its observations, rewards and values; the joint actions are known to every agent
     T, E = args.num_steps, args.num_envs
@@ -771,9 +826,9 @@ if __name__ == "__main__":
     next_obs, _ = envs.reset(seed=env_seeds(args.seed, E, purpose=0, step=global_step))
     episode_returns, episode_lengths = np.zeros((E, n)), np.zeros(E, dtype=int)
     last_good_checkpoint = copy.deepcopy(make_checkpoint()) if args.save_model else None
-    start_time, start_step = time.time(), global_step
+    start_time, start_step, episodes = time.time(), global_step, "no episode has ended yet"
     try:
-        while iteration < args.num_iterations and not stop_requested:
+        while iteration < args.num_iterations:
             iteration += 1
 
             # rollout
@@ -909,38 +964,28 @@ if __name__ == "__main__":
                     metrics[f"agent{i}/episodic_return"] = float(private_return)
             networks = {f"agent{p}": policy for p, policy in enumerate(policies)}
             check_finite(metrics, networks | {f"critic{p}": critic for p, critic in enumerate(critics)})
-            log(metrics)
-            episodic_return = metrics.get("charts/episodic_return", float("nan"))
-            print(f"global_step={global_step}, episodic_return={episodic_return:.2f}, SPS={sps}")
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # a signal waits for the pair:
+            log(metrics)  # the metrics line and the checkpoint of the same step
+            if args.save_model:  # the state after a finite update: what an interrupt or a later NaN saves
+                last_good_checkpoint = copy.deepcopy(make_checkpoint())
+                if iteration % args.save_interval == 0 or iteration == args.num_iterations:
+                    save_checkpoint(last_good_checkpoint, checkpoint_path)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+            if finished_returns:
+                ended = f"{len(finished_returns)} episodes ended by step {global_step:,}"
+                episodes = f"episodic_return={metrics['charts/episodic_return']:.2f} ({ended})"
+            print(progress_line(global_step, total, sps, episodes))
             # evaluate each time global_step passes a multiple of eval_interval (at the end, --save-model evaluates)
             saved_and_evaluated_below = args.save_model and iteration == args.num_iterations
             if args.eval_interval and global_step % args.eval_interval < E * T and not saved_and_evaluated_below:
                 evaluate_and_log(periodic_eval_envs)
-
-            if args.save_model:
-                last_good_checkpoint = copy.deepcopy(make_checkpoint())
-                if iteration % args.save_interval == 0 or iteration == args.num_iterations or stop_requested:
-                    save_checkpoint(last_good_checkpoint, checkpoint_path)
-    except NonFiniteError as e:
-        if args.save_model:
-            save_checkpoint(last_good_checkpoint, checkpoint_path)
-        saved = f" (last good checkpoint: {checkpoint_path})" if args.save_model else ""
-        print(f"error: {e} at global_step={global_step}; stopping{saved}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print(
-            f"error: interrupted at global_step={global_step}; nothing saved since the last checkpoint", file=sys.stderr
-        )
-        sys.exit(130)
+    except (KeyboardInterrupt, NonFiniteError) as reason:
+        stop(reason, global_step, last_good_checkpoint, checkpoint_path)
     envs.close()
 
-    if args.save_model and not stop_requested:
+    if args.save_model:
         print(f"model saved to {checkpoint_path}")
         evaluate_and_log()
     metrics_file.close()
     if args.track:
         wandb.finish()
-    if stop_requested:
-        resume_hint = f"; resume with --resume {checkpoint_path}" if args.save_model else ""
-        print(f"stopped at global_step={global_step}{resume_hint}")
-        sys.exit(128 + stop_requested[0])

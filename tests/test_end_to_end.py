@@ -193,6 +193,7 @@ BAD_ARGUMENTS = [
     (["--exp-name", "a/b"], ["--exp-name", "'a/b'"]),
     (["--resume", "missing.pt"], ["missing.pt", "does not exist"]),
     (["--eval-checkpoint", "missing.pt"], ["missing.pt", "does not exist"]),
+    (["--num-envs", "1", "--num-steps", "1"], ["--num-envs x --num-steps", "2 or more", "got 1"]),  # std of 1 sample
 ]  # fmt: skip
 
 
@@ -258,7 +259,44 @@ def test_checkpoint_of_another_script_is_refused(script, tmp_path):
     result = run_script(script, *task(script), *tiny(200), "--resume", str(checkpoint_path), cwd=tmp_path)
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
-    assert "another script" in line and str(checkpoint_path.name) in line, line
+    assert "another script" in line and str(checkpoint_path.name) in line and other in line, line
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: "), line
+    return line
+
+
+@pytest.mark.parametrize("script", MPE_SCRIPTS[:1])
+def test_unwritable_run_folder_is_one_error_line(script, tmp_path):
+    (tmp_path / "runs").write_text("a file where the runs folder goes")
+    line = one_error_line(run_script(script, *TINY, cwd=tmp_path))
+    assert "cannot write the run folder" in line, line
+
+
+@pytest.mark.parametrize("script", MPE_SCRIPTS[:1])
+def test_track_without_a_wandb_login_outside_a_terminal_names_both_fixes(script, tmp_path):
+    env = {k: v for k, v in SCRIPT_ENV.items() if not k.startswith("WANDB_")} | {"HOME": str(tmp_path)}
+    result = subprocess.run(script_command(script, *TINY, "--track"), cwd=tmp_path, capture_output=True, text=True,
+                            env=env, stdin=subprocess.DEVNULL, timeout=300)  # fmt: skip
+    line = one_error_line(result)
+    assert "wandb login" in line and "WANDB_MODE=offline" in line, line
+    assert not (tmp_path / "runs").exists()  # no empty run folder left behind
+
+
+@pytest.mark.parametrize("script", MPE_SCRIPTS[:1])
+def test_run_folder_names_paste_into_a_shell_and_a_cut_metrics_line_is_dropped_on_resume(script, tmp_path):
+    run_ok(script, *TINY, "--exp-name", "a|b c", "--save-model", "--eval-interval", "0", cwd=tmp_path)
+    (run_dir,) = run_dirs(tmp_path)
+    assert "|" not in run_dir.name and " " not in run_dir.name and "a_b_c" in run_dir.name
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"global_step": 1')  # a crash cut the last line
+    (checkpoint_path,) = run_dir.glob("*.pt")
+    result = run_ok(script, *tiny(150), "--exp-name", "a|b c", "--resume", str(checkpoint_path), cwd=tmp_path)
+    assert "warning: dropped line" in result.stderr
+    assert [m["global_step"] for m in train_metrics(read_metrics(run_dir))] == [50, 100, 150]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

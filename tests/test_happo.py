@@ -6,7 +6,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from helpers import load_script
+from helpers import REPO, load_script
 
 happo = load_script("happo_mpe.py")
 
@@ -28,20 +28,42 @@ def make_batch(seed: int = 0):
 
 
 def run_sequential_update(order, sequential: bool, seed: int = 0):
+    """The sequential update of happo_mpe.py's main loop, written out here: each agent i in `order` gets the factor M
+    of the agents updated before it; the factors given are recorded."""
     actors, obs, actions, logp_old, advantages = make_batch(seed)
     initial_states = [copy.deepcopy(actor.state_dict()) for actor in actors]
     optimizers = [torch.optim.Adam(actor.parameters(), lr=1e-2) for actor in actors]
-    rng = np.random.default_rng(seed)
-
-    def update_agent(i, factor):
-        return happo.happo_update(
-            actors[i], optimizers[i], obs[i], actions[i], logp_old[i], advantages, factor,
-            clip_coef=0.2, ent_coef=0.01, epochs=5, num_minibatches=2, max_grad_norm=10.0, rng=rng,
-        )  # fmt: skip
-
-    stats, factors = happo.sequential_update(actors, obs, actions, logp_old, order, sequential, update_agent)
+    args, rng = (
+        happo.Args(clip_coef=0.2, ent_coef=0.01, ppo_epochs=5, num_minibatches=2, max_grad_norm=10.0),
+        np.random.default_rng(seed),
+    )
+    factor, stats, factors = torch.ones_like(logp_old[0]), {}, {}
+    for i in order:
+        factors[i] = factor
+        stats[i] = happo.happo_update(
+            actors[i], optimizers[i], obs[i], actions[i], logp_old[i], advantages, factor, args, rng
+        )
+        if sequential:
+            with torch.no_grad():
+                logp_new = actors[i].distribution(obs[i]).log_prob(actions[i])
+            factor = factor * torch.exp(logp_new - logp_old[i])
     final_states = [copy.deepcopy(actor.state_dict()) for actor in actors]
     return stats, factors, initial_states, final_states, obs, actions
+
+
+def test_the_main_loop_updates_as_written_out_above():
+    """The loop above is the scripts' own: every HAPPO and HATRPO script has these lines in its main loop."""
+    for script in ("happo_mpe.py", "happo_mamujoco.py", "hatrpo_mpe.py", "hatrpo_mamujoco.py"):
+        lines = [line.strip() for line in (REPO / script).read_text().splitlines()]
+        loop = lines.index("factor, agent_stats = torch.ones_like(b_logprobs[0]), {}") + 1
+        assert lines[loop] == "for i in order:", script
+        update = lines.index("if args.sequential:", loop)  # after the agent's update (one call)
+        assert update - loop <= 4 and lines[update : update + 4] == [
+            "if args.sequential:",
+            "with torch.no_grad():",
+            "logp_new = actors[i].distribution(b_obs[i]).log_prob(b_actions[i])",
+            "factor = factor * torch.exp(logp_new - b_logprobs[i])",
+        ], script
 
 
 def ratio_from_saved(i, initial_state, final_state, obs, action):
@@ -77,10 +99,9 @@ def test_no_sequential_gives_every_agent_factor_one():
 def test_happo_update_reports_means_and_moves_toward_the_advantage():
     actors, obs, actions, logp_old, advantages = make_batch()
     actor, optimizer = actors[0], torch.optim.Adam(actors[0].parameters(), lr=1e-3)
-    stats = happo.happo_update(
-        actor, optimizer, obs[0], actions[0], logp_old[0], advantages, torch.ones(BATCH),
-        clip_coef=0.2, ent_coef=0.0, epochs=3, num_minibatches=4, max_grad_norm=10.0, rng=np.random.default_rng(0),
-    )  # fmt: skip
+    args = happo.Args(clip_coef=0.2, ent_coef=0.0, ppo_epochs=3, num_minibatches=4, max_grad_norm=10.0)
+    factor, rng = torch.ones(BATCH), np.random.default_rng(0)
+    stats = happo.happo_update(actor, optimizer, obs[0], actions[0], logp_old[0], advantages, factor, args, rng)
     assert set(stats) == {"policy_loss", "entropy", "approx_kl", "clipfrac"}
     with torch.no_grad():
         ratio = torch.exp(actor.distribution(obs[0]).log_prob(actions[0]) - logp_old[0])

@@ -170,7 +170,7 @@ def test_hatrpo_step_matches_the_reference_and_satisfies_the_trust_region(kind, 
     expected_theta, expected_steps, x_norm = reference_step(actor, *batch, kl_threshold, **step_args)
     # CG runs until its residual r is under the tolerance (|r|^2 < 1e-10), so its solution x is within
     # |r| / smallest eigenvalue of F + damping I <= 1e-5 / damping of the direct solve: so is the step, relatively
-    stats = hatrpo.hatrpo_update(actor, *batch, kl_threshold, cg_iters=500, **step_args)
+    stats = hatrpo.hatrpo_update(actor, *batch, hatrpo.Args(kl_threshold=kl_threshold, cg_iters=500, **step_args))
     theta = parameters_to_vector(actor.parameters()).detach()
     assert stats["line_search_steps"] == expected_steps
     assert (expected_steps == 0) == (kl_threshold == 0.005)  # the large threshold makes the full step fail
@@ -199,7 +199,8 @@ def test_rejected_step_restores_the_parameters_bit_for_bit(kind, case):
         advantages = torch.zeros_like(advantages)
     step = {**STEP, "accept_ratio": 1e6 if case == "unreachable-accept-ratio" else STEP["accept_ratio"]}
     before = [p.detach().clone() for p in actor.parameters()]
-    stats = hatrpo.hatrpo_update(actor, obs, actions, logp_old, advantages, factor, 0.01, cg_iters=10, **step)
+    args = hatrpo.Args(kl_threshold=0.01, cg_iters=10, **step)
+    stats = hatrpo.hatrpo_update(actor, obs, actions, logp_old, advantages, factor, args)
     assert stats["line_search_steps"] == STEP["ls_steps"]
     assert stats["kl"] == stats["improvement"] == stats["expected_improvement"] == 0.0
     for old, new in zip(before, actor.parameters()):

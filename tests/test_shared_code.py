@@ -8,6 +8,7 @@ import contextlib
 import difflib
 import io
 import math
+import sys
 
 import gymnasium as gym
 import numpy as np
@@ -17,7 +18,12 @@ from helpers import REPO, SCRIPTS, family, load_script
 from torch import nn
 
 PER_SCRIPT = {"Args"}  # each script's own command line; any other name defined twice must be the same code
-PER_FAMILY = {"validate_args", "make_env", "env_action"}  # they know the environment: shared within a family
+PER_FAMILY = {
+    "validate_args",
+    "make_env",
+    "env_action",
+    "evaluate",
+}  # they know the environment: shared within a family
 
 
 def top_level_definitions(script: str) -> dict[str, str]:
@@ -46,7 +52,7 @@ def test_the_scripts_share_their_harness():
     assert {"happo_mpe.py", "hatrpo_mpe.py", "happo_mamujoco.py", "hatrpo_mamujoco.py", "matrpo_admm.py"} <= set(
         SCRIPTS
     )
-    assert {"compute_gae", "Actor", "Critic", "ValueNorm", "sequential_update", "critic_update"} <= set(SHARED)
+    assert {"compute_gae", "Actor", "Critic", "ValueNorm", "critic_update", "start_run", "stop"} <= set(SHARED)
     assert {"validate_args[mpe]", "make_env[mamujoco]", "hatrpo_update", "happo_update"} <= set(SHARED)
     assert {"conjugate_gradient", "fisher_vector_product", "compute_gae", "load_checkpoint"} <= {
         name for name, scripts in SHARED.items() if "matrpo_admm.py" in scripts
@@ -113,33 +119,14 @@ def value_norm_outputs(m) -> tuple:
     return norm.mean_std(), norm.normalize(x(5)), norm.denormalize(x(5))
 
 
-def sequential_update_outputs(m) -> tuple:
-    actors = [seeded(lambda: m.Actor(5, space, (8,)), seed) for seed, space in enumerate(SPACES)]
-    obs = [x(10, 5), x(10, 5, seed=2)]
-    actions = [torch.arange(10) % 4, x(10, 2)]
-    with torch.no_grad():
-        logp_old = [actor.distribution(o).log_prob(a) for actor, o, a in zip(actors, obs, actions)]
-
-    def update_agent(i, factor):  # one plain gradient step on mean(M * log pi)
-        loss = -(factor * actors[i].distribution(obs[i]).log_prob(actions[i])).mean()
-        loss.backward()
-        with torch.no_grad():
-            for param in actors[i].parameters():
-                param -= 0.1 * param.grad
-        return {"loss": loss.item()}
-
-    return m.sequential_update(actors, obs, actions, logp_old, [1, 0], True, update_agent)
-
-
 def critic_update_outputs(m) -> tuple:
     critic = seeded(lambda: m.Critic(6, (8,)))
     optimizer = torch.optim.Adam(critic.parameters(), lr=1e-2)
     states, targets = x(12, 6), x(12, seed=2)
     with torch.no_grad():
         old_values = critic(states)
-    loss = m.critic_update(
-        critic, optimizer, states, targets, old_values, 0.2, 10.0, 3, 2, 10.0, np.random.default_rng(0)
-    )
+    args = m.Args(clip_coef=0.2, huber_delta=10.0, critic_epochs=3, num_minibatches=2, max_grad_norm=10.0)
+    loss = m.critic_update(critic, optimizer, states, targets, old_values, args=args, rng=np.random.default_rng(0))
     return loss, critic.state_dict()
 
 
@@ -154,10 +141,16 @@ def checkpoint_outputs(m, tmp_path) -> tuple:
 
 
 def evaluate_outputs(m) -> np.ndarray:
-    make_env = load_script("happo_mpe.py").make_env("simple_spread_v3", False, 25)  # the same env for every script
-    actors = [seeded(lambda: m.Actor(18, gym.spaces.Discrete(5), (8,)), seed) for seed in range(3)]
-    agents = ["agent_0", "agent_1", "agent_2"]
-    return m.evaluate(actors, agents, gym.vector.SyncVectorEnv([make_env] * 2), seeds=[5, 6], device="cpu")
+    """The same env and actors for every script of a family (env_action, which evaluate calls, is per family)."""
+    if family(m.__name__ + ".py") == "mamujoco":
+        envs = gym.vector.SyncVectorEnv([load_script("happo_mamujoco.py").make_env("Hopper-3x1", None)] * 2)
+    else:
+        envs = gym.vector.SyncVectorEnv([load_script("happo_mpe.py").make_env("simple_spread_v3", False, 25)] * 2)
+    agents = envs.get_attr("agents")[0]
+    spaces = [envs.single_observation_space[a].shape[0] for a in agents]
+    actors = [seeded(lambda: m.Actor(size, space, (8,)), seed) for seed, (size, space) in
+              enumerate(zip(spaces, envs.single_action_space))]  # fmt: skip
+    return m.evaluate(actors, agents, envs, seeds=[5, 6], device="cpu")
 
 
 def env_action_outputs(m) -> list:
@@ -195,7 +188,7 @@ def fisher_vector_product_outputs(m) -> list:
     results = []
     for space in SPACES:
         actor = seeded(lambda: load_script("hatrpo_mpe.py").Actor(5, space, (8,)))  # the same actor for every script
-        fvp = m.fisher_vector_product(actor, x(6, 5), 0.1)
+        fvp = m.fisher_vector_product(actor, obs=x(6, 5), damping=0.1)
         results.append(fvp(x(sum(p.numel() for p in actor.parameters()), seed=3)))
     return results
 
@@ -209,8 +202,9 @@ def hatrpo_update_outputs(m) -> list:
             dist = actor.distribution(obs)
             actions = dist.sample()
             logp_old = dist.log_prob(actions)
-        stats = m.hatrpo_update(actor, obs, actions, logp_old, x(32, seed=2), x(32, seed=3).exp(), 0.01, 10, 0.8, 0.5,
-                                10, 0.1)  # fmt: skip
+        args = m.Args(kl_threshold=0.01, ls_steps=10, backtrack_coef=0.8, accept_ratio=0.5, cg_iters=10, cg_damping=0.1)
+        advantages, factor = x(32, seed=2), x(32, seed=3).exp()
+        stats = m.hatrpo_update(actor, obs, actions, logp_old, advantages=advantages, factor=factor, args=args)
         results.append((stats, actor.state_dict()))
     return results
 
@@ -221,9 +215,50 @@ def happo_update_outputs(m) -> tuple:
     obs, actions = x(32, 5), x(32, 2)
     with torch.no_grad():
         logp_old = actor.distribution(obs).log_prob(actions)
-    stats = m.happo_update(actor, optimizer, obs, actions, logp_old, x(32, seed=2), x(32, seed=3).exp(), 0.2, 0.01, 3,
-                           2, 10.0, np.random.default_rng(0))  # fmt: skip
+    args = m.Args(clip_coef=0.2, ent_coef=0.01, ppo_epochs=3, num_minibatches=2, max_grad_norm=10.0)
+    advantages, factor, rng = x(32, seed=2), x(32, seed=3).exp(), np.random.default_rng(0)
+    stats = m.happo_update(actor, optimizer, obs, actions, logp_old, advantages=advantages, factor=factor, args=args,
+                           rng=rng)  # fmt: skip
     return stats, actor.state_dict()
+
+
+def start_run_outputs(m, tmp_path) -> tuple:
+    """A resumed run keeps the metrics lines up to its checkpoint's step and drops a line cut by a crash."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(exist_ok=True)
+    (run_dir / "metrics.jsonl").write_text('{"global_step": 50}\n{"global_step": 100}\n{"global_step": 150}\n{"glo')
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        m.start_run(str(run_dir), record={"seed": 1}, resume_step=100).close()
+    return (run_dir / "metrics.jsonl").read_text(), (run_dir / "args.json").read_text(), stderr.getvalue()
+
+
+def raise_keyboard_interrupt_outputs(m) -> tuple:
+    with pytest.raises(KeyboardInterrupt) as interrupt:
+        m.raise_keyboard_interrupt(signum=15, frame=None)
+    return interrupt.value.args
+
+
+def resume_command_outputs(m) -> list:
+    results, argv = [], sys.argv
+    try:
+        for sys.argv in (["a.py", "--seed", "2"], ["a.py", "--resume", "old.pt", "--seed", "2", "--resume=x y.pt"]):
+            results.append(m.resume_command(checkpoint_path="runs/r|1/a.pt"))
+    finally:
+        sys.argv = argv
+    return results
+
+
+def stop_outputs(m, tmp_path) -> list:
+    """A NaN: exit 1 with one error line; Ctrl-C/SIGTERM: the last good checkpoint saved, exit 128 + signal."""
+    path, argv = str(tmp_path / "a.pt"), sys.argv
+    results = [exit_of(m.stop, m.NonFiniteError("agent0/policy_loss is nan"), 100, None, path)]
+    try:
+        sys.argv = ["a.py"]
+        results.append(exit_of(m.stop, KeyboardInterrupt(15), 100, {"global_step": 50}, path))
+    finally:
+        sys.argv = argv
+    return results + [torch.load(path)]
 
 
 def agent_factorization_outputs(m) -> list:
@@ -276,16 +311,15 @@ BEHAVIOUR = {
     "Critic": lambda m, tmp_path: seeded(lambda: m.Critic(6, (8,)))(x(4, 6)),
     "ValueNorm": lambda m, tmp_path: value_norm_outputs(m),
     "compute_gae": lambda m, tmp_path: m.compute_gae(
-        x(5, 3),
-        x(5, 3, seed=2),
-        x(5, 3, seed=3),
-        (x(5, 3, seed=4) > 1).float(),
-        (x(5, 3, seed=5) > 0.5).float(),
-        0.9,
-        0.8,
+        rewards=x(5, 3),
+        values=x(5, 3, seed=2),
+        next_values=x(5, 3, seed=3),
+        terminations=(x(5, 3, seed=4) > 1).float(),
+        dones=(x(5, 3, seed=5) > 0.5).float(),
+        gamma=0.9,
+        gae_lambda=0.8,
     ),  # fmt: skip
-    "minibatches": lambda m, tmp_path: m.minibatches(np.random.default_rng(0), 12, 3),
-    "sequential_update": lambda m, tmp_path: sequential_update_outputs(m),
+    "minibatches": lambda m, tmp_path: m.minibatches(np.random.default_rng(0), batch_size=12, num_minibatches=3),
     "critic_update": lambda m, tmp_path: critic_update_outputs(m),
     "save_checkpoint": checkpoint_outputs,
     "load_checkpoint": checkpoint_outputs,
@@ -297,9 +331,16 @@ BEHAVIOUR = {
     "apply_tuned_values": lambda m, tmp_path: tuned_values_outputs(m),
     "NonFiniteError": lambda m, tmp_path: check_finite_outputs(m),
     "check_finite": lambda m, tmp_path: check_finite_outputs(m),
+    "safe_name": lambda m, tmp_path: m.safe_name("Humanoid-9|8__happo_mamujoco__1__17 x"),
+    "start_run": start_run_outputs,
+    "check_wandb_login": lambda m, tmp_path: m.check_wandb_login(),  # None: WANDB_MODE=offline needs no login
+    "progress_line": lambda m, tmp_path: m.progress_line(step=3000, total=10_000, steps_per_second=1.5, episodes="-"),
+    "raise_keyboard_interrupt": lambda m, tmp_path: raise_keyboard_interrupt_outputs(m),
+    "resume_command": lambda m, tmp_path: resume_command_outputs(m),
+    "stop": stop_outputs,
     # defined in one script today; the sibling scripts of other environments will share them
     "happo_update": lambda m, tmp_path: happo_update_outputs(m),
-    "conjugate_gradient": lambda m, tmp_path: m.conjugate_gradient(lambda v: 3 * v + v.sum(), x(6), 4),
+    "conjugate_gradient": lambda m, tmp_path: m.conjugate_gradient(lambda v: 3 * v + v.sum(), b=x(6), iters=4),
     "fisher_vector_product": lambda m, tmp_path: fisher_vector_product_outputs(m),
     "hatrpo_update": lambda m, tmp_path: hatrpo_update_outputs(m),
 }
