@@ -1,6 +1,6 @@
 """The two-agent game r(a1, a2) = a1 * a2 of README "What the tests prove": expected return per iteration of the
 sequential HATRPO update (with the factor M) against the simultaneous one (M = 1), both made by hatrpo_mpe.py's own
-update functions (`sequential_update`, `hatrpo_update`); this file imports them because the figure is about them.
+update function (`hatrpo_update`), in the sequential order of its main loop; this file imports it for the figure.
 tests/test_theory.py checks the same curves. Regenerate the figure with
 
     pip install -e ".[bench]" && python benchmarks/a1a2_game.py      # writes benchmarks/a1a2_game.png
@@ -39,18 +39,22 @@ def expected_return(actors) -> float:
 
 def game_iteration(actors, sequential: bool, kl_threshold: float, rng: np.random.Generator, batch_size: int = 4000):
     """One iteration of the scripts' scheme: sample the game with the current policies, advantage = reward minus the
-    exact expected return, then hatrpo_update per agent via sequential_update, in a fresh random order."""
+    exact expected return, then hatrpo_update per agent with the factor M, in a fresh random order."""
     obs = [OBS.expand(batch_size, 1)] * 2
     with torch.no_grad():
         dists = [actor.distribution(o) for actor, o in zip(actors, obs)]
         actions = [dist.sample() for dist in dists]
         logp_old = [dist.log_prob(a) for dist, a in zip(dists, actions)]
     advantages = actions[0][:, 0] * actions[1][:, 0] - expected_return(actors)
-    hatrpo.sequential_update(
-        actors, obs, actions, logp_old, list(rng.permutation(2)), sequential,
-        lambda i, factor: hatrpo.hatrpo_update(actors[i], obs[i], actions[i], logp_old[i], advantages, factor,
-                                               kl_threshold, 10, 0.8, 0.5, 10, 0.1),
-    )  # fmt: skip
+    args = hatrpo.Args(kl_threshold=kl_threshold, ls_steps=10, backtrack_coef=0.8, accept_ratio=0.5, cg_iters=10,
+                       cg_damping=0.1)  # fmt: skip
+    factor = torch.ones_like(logp_old[0])
+    for i in list(rng.permutation(2)):  # the sequential update of hatrpo_mpe.py's main loop
+        hatrpo.hatrpo_update(actors[i], obs[i], actions[i], logp_old[i], advantages, factor, args)
+        if sequential:
+            with torch.no_grad():
+                logp_new = actors[i].distribution(obs[i]).log_prob(actions[i])
+            factor = factor * torch.exp(logp_new - logp_old[i])
 
 
 def return_curve(sequential: bool, kl_threshold: float, seed: int, iterations: int) -> list[float]:

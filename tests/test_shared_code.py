@@ -233,6 +233,13 @@ def start_run_outputs(m, tmp_path) -> tuple:
     return (run_dir / "metrics.jsonl").read_text(), (run_dir / "args.json").read_text(), stderr.getvalue()
 
 
+def check_wandb_login_outputs(m):
+    """None: with WANDB_MODE=offline no login is needed."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WANDB_MODE", "offline")
+        return m.check_wandb_login()
+
+
 def raise_keyboard_interrupt_outputs(m) -> tuple:
     with pytest.raises(KeyboardInterrupt) as interrupt:
         m.raise_keyboard_interrupt(signum=15, frame=None)
@@ -333,7 +340,7 @@ BEHAVIOUR = {
     "check_finite": lambda m, tmp_path: check_finite_outputs(m),
     "safe_name": lambda m, tmp_path: m.safe_name("Humanoid-9|8__happo_mamujoco__1__17 x"),
     "start_run": start_run_outputs,
-    "check_wandb_login": lambda m, tmp_path: m.check_wandb_login(),  # None: WANDB_MODE=offline needs no login
+    "check_wandb_login": lambda m, tmp_path: check_wandb_login_outputs(m),
     "progress_line": lambda m, tmp_path: m.progress_line(step=3000, total=10_000, steps_per_second=1.5, episodes="-"),
     "raise_keyboard_interrupt": lambda m, tmp_path: raise_keyboard_interrupt_outputs(m),
     "resume_command": lambda m, tmp_path: resume_command_outputs(m),
