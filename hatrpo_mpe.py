@@ -28,94 +28,53 @@ ENV_IDS = ("simple_spread_v3", "simple_reference_v3", "simple_speaker_listener_v
 
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = False
-    """if toggled, use CUDA when available (these small networks usually run faster on the CPU)"""
-    torch_threads: int = 1
-    """torch.set_num_threads; one per run leaves the other cores to parallel runs (results depend on it)"""
-    track: bool = False
-    """if toggled, log to Weights and Biases (respects WANDB_MODE, e.g. WANDB_MODE=offline)"""
-    wandb_project_name: str = "marl-trust-region"
-    """the wandb project name"""
-    wandb_entity: str | None = None
-    """the entity (team) of the wandb project"""
-    capture_video: bool = False
-    """if toggled, evaluation writes a video of its first episode to runs/{run_name}/videos"""
-    save_model: bool = False
-    """if toggled, save a checkpoint every `save_interval` iterations, at the end and on Ctrl-C, then evaluate"""
-    save_interval: int = 50
-    """iterations between two checkpoints"""
-    resume: str | None = None
-    """path of a checkpoint to continue training from (same env and architecture)"""
-    eval_checkpoint: str | None = None
-    """path of a checkpoint to evaluate with deterministic actions; no training"""
-    eval_episodes: int = 10
-    """episodes per evaluation (run in parallel, one env each)"""
-    eval_interval: int = 100_000
-    """environment steps between two deterministic evaluations during training (eval/episodic_return); 0: none"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
+    seed: int = 1  # seed of the experiment
+    torch_deterministic: bool = True  # if toggled, `torch.backends.cudnn.deterministic=True`
+    cuda: bool = False  # if toggled, use CUDA when available (these small networks usually run faster on the CPU)
+    torch_threads: int = 1  # torch.set_num_threads; 1 leaves the other cores to parallel runs (results depend on it)
+    track: bool = False  # if toggled, log to Weights and Biases (respects WANDB_MODE, e.g. WANDB_MODE=offline)
+    wandb_project_name: str = "marl-trust-region"  # the wandb project name
+    wandb_entity: str | None = None  # the entity (team) of the wandb project
+    capture_video: bool = False  # if toggled, evaluation writes a video of its first episode to runs/{run_name}/videos
+    save_model: bool = False  # checkpoint every save_interval iterations, at the end and on Ctrl-C; then evaluate
+    save_interval: int = 50  # iterations between two checkpoints
+    resume: str | None = None  # path of a checkpoint to continue training from (same env and architecture)
+    eval_checkpoint: str | None = None  # path of a checkpoint to evaluate with deterministic actions; no training
+    eval_episodes: int = 10  # episodes per evaluation (run in parallel, one env each)
+    eval_interval: int = 100_000  # env steps between deterministic evaluations (eval/episodic_return); 0: none
 
     # Environment
-    env_id: str = "simple_spread_v3"
-    """the mpe2 task: simple_spread_v3, simple_reference_v3 or simple_speaker_listener_v4"""
-    continuous_actions: bool = False
-    """if toggled, Box(0, 1) actions with a Gaussian policy instead of Discrete actions"""
-    max_cycles: int = 25
-    """steps per episode (a time-limit truncation)"""
-    total_timesteps: int = 10_000_000
-    """total environment steps (one per env per vector step, all agents acting at once)"""
-    num_envs: int = 20
-    """the number of parallel environments"""
-    num_steps: int = 200
-    """the number of steps per environment per rollout"""
+    env_id: str = "simple_spread_v3"  # mpe2 task: simple_spread_v3, simple_reference_v3 or simple_speaker_listener_v4
+    continuous_actions: bool = False  # if toggled, Box(0, 1) actions with a Gaussian policy instead of Discrete actions
+    max_cycles: int = 25  # steps per episode (a time-limit truncation)
+    total_timesteps: int = 10_000_000  # env steps in all (one per env per vector step, all agents acting at once)
+    num_envs: int = 20  # the number of parallel environments
+    num_steps: int = 200  # the number of steps per environment per rollout
 
     # Algorithm
-    critic_learning_rate: float = 5e-4
-    """Adam learning rate of the critic"""
-    anneal_lr: bool = False
-    """if toggled, decay the critic's learning rate linearly to 0"""
-    gamma: float = 0.99
-    """the discount factor gamma"""
-    gae_lambda: float = 0.95
-    """the lambda of generalised advantage estimation"""
-    hidden_sizes: tuple[int, ...] = (128, 128)
-    """hidden layer sizes of the actors and the critic"""
-    sequential: bool = True
-    """weight each agent's advantage by the factor M of the agents updated before it (--no-sequential: M = 1)"""
-    fixed_order: bool = False
-    """if toggled, update the agents in index order instead of a fresh random order every iteration"""
-    kl_threshold: float = 0.005
-    """delta: the bound on each agent's mean KL(pi_old || pi_new) per update (HARL's tuned MPE value)"""
-    ls_steps: int = 10
-    """the number of step fractions the backtracking line search tries"""
-    backtrack_coef: float = 0.8
-    """the line search tries the fractions backtrack_coef**j, j = 0 .. ls_steps - 1"""
-    accept_ratio: float = 0.5
-    """a fraction is accepted when its improvement is above accept_ratio times the linear prediction"""
-    cg_iters: int = 10
-    """conjugate gradient iterations solving (F + damping I) x = g"""
-    cg_damping: float = 0.1
-    """the damping added to the Fisher matrix F"""
-    num_minibatches: int = 1
-    """minibatches per epoch of the critic"""
-    clip_coef: float = 0.2
-    """the clipping coefficient of the value loss"""
-    critic_epochs: int = 5
-    """epochs of the critic update"""
-    huber_delta: float = 10.0
-    """delta of the Huber value loss"""
-    max_grad_norm: float = 10.0
-    """the maximum norm for gradient clipping of the critic"""
+    critic_learning_rate: float = 5e-4  # Adam learning rate of the critic
+    anneal_lr: bool = False  # if toggled, decay the critic's learning rate linearly to 0
+    gamma: float = 0.99  # the discount factor gamma
+    gae_lambda: float = 0.95  # the lambda of generalised advantage estimation
+    hidden_sizes: tuple[int, ...] = (128, 128)  # hidden layer sizes of the actors and the critic
+    sequential: bool = True  # weight each agent's advantage by the factor M of the agents updated before it
+    fixed_order: bool = False  # update the agents in index order, not in a fresh random order every iteration
+    kl_threshold: float = 0.005  # delta: bound on each agent's mean KL(pi_old || pi_new) per update (HARL's MPE value)
+    ls_steps: int = 10  # the number of step fractions the backtracking line search tries
+    backtrack_coef: float = 0.8  # the line search tries the fractions backtrack_coef**j, j = 0 .. ls_steps - 1
+    accept_ratio: float = 0.5  # accept a fraction whose improvement is above accept_ratio x the linear prediction
+    cg_iters: int = 10  # conjugate gradient iterations solving (F + damping I) x = g
+    cg_damping: float = 0.1  # the damping added to the Fisher matrix F
+    num_minibatches: int = 1  # minibatches per epoch of the critic
+    clip_coef: float = 0.2  # the clipping coefficient of the value loss
+    critic_epochs: int = 5  # epochs of the critic update
+    huber_delta: float = 10.0  # delta of the Huber value loss
+    max_grad_norm: float = 10.0  # the maximum norm for gradient clipping of the critic
 
     # Computed at run time (not command-line options)
-    batch_size: tyro.conf.Suppress[int] = 0
-    """samples per agent per iteration (num_envs * num_steps)"""
-    num_iterations: tyro.conf.Suppress[int] = 0
-    """the number of iterations (total_timesteps // batch_size)"""
+    batch_size: tyro.conf.Suppress[int] = 0  # samples per agent per iteration (num_envs * num_steps)
+    num_iterations: tyro.conf.Suppress[int] = 0  # the number of iterations (total_timesteps // batch_size)
 
 
 def fail(message: str):

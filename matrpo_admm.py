@@ -30,94 +30,57 @@ ADVANTAGE_NORMS = ("pooled", "local")
 
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = False
-    """if toggled, use CUDA when available (these small networks usually run faster on the CPU)"""
-    torch_threads: int = 1
-    """torch.set_num_threads; one per run leaves the other cores to parallel runs (results depend on it)"""
-    track: bool = False
-    """if toggled, log to Weights and Biases (respects WANDB_MODE, e.g. WANDB_MODE=offline)"""
-    wandb_project_name: str = "marl-trust-region"
-    """the wandb project name"""
-    wandb_entity: str | None = None
-    """the entity (team) of the wandb project"""
-    capture_video: bool = False
-    """if toggled, evaluation writes a video of its first episode to runs/{run_name}/videos"""
-    save_model: bool = False
-    """if toggled, save a checkpoint every `save_interval` iterations, at the end and on Ctrl-C, then evaluate"""
-    save_interval: int = 50
-    """iterations between two checkpoints"""
-    resume: str | None = None
-    """path of a checkpoint to continue training from (same task, mode and architecture)"""
-    eval_checkpoint: str | None = None
-    """path of a checkpoint to evaluate with deterministic actions; no training"""
-    eval_episodes: int = 10
-    """episodes per evaluation (run in parallel, one env each)"""
-    eval_interval: int = 100_000
-    """environment steps between two deterministic evaluations during training (eval/episodic_return); 0: none"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
+    seed: int = 1  # seed of the experiment
+    torch_deterministic: bool = True  # if toggled, `torch.backends.cudnn.deterministic=True`
+    cuda: bool = False  # if toggled, use CUDA when available (these small networks usually run faster on the CPU)
+    torch_threads: int = 1  # torch.set_num_threads; 1 leaves the other cores to parallel runs (results depend on it)
+    track: bool = False  # if toggled, log to Weights and Biases (respects WANDB_MODE, e.g. WANDB_MODE=offline)
+    wandb_project_name: str = "marl-trust-region"  # the wandb project name
+    wandb_entity: str | None = None  # the entity (team) of the wandb project
+    capture_video: bool = False  # if toggled, evaluation writes a video of its first episode to runs/{run_name}/videos
+    save_model: bool = False  # checkpoint every save_interval iterations, at the end and on Ctrl-C; then evaluate
+    save_interval: int = 50  # iterations between two checkpoints
+    resume: str | None = None  # path of a checkpoint to continue training from (same task, mode and architecture)
+    eval_checkpoint: str | None = None  # path of a checkpoint to evaluate with deterministic actions; no training
+    eval_episodes: int = 10  # episodes per evaluation (run in parallel, one env each)
+    eval_interval: int = 100_000  # env steps between deterministic evaluations (eval/episodic_return); 0: none
 
     # Environment: the paper's Cooperative Navigation with private rewards
-    num_agents: int = 3
-    """the number of agents (and landmarks) of simple_spread; the agents talk on a ring"""
-    max_cycles: int = 100
-    """steps per episode (a time-limit truncation)"""
-    total_timesteps: int = 5_000_000
-    """total environment steps (one per env per vector step, all agents acting at once)"""
-    num_envs: int = 10
-    """the number of parallel environments"""
-    num_steps: int = 1000
-    """the number of steps per environment per rollout"""
+    num_agents: int = 3  # the number of agents (and landmarks) of simple_spread; the agents talk on a ring
+    max_cycles: int = 100  # steps per episode (a time-limit truncation)
+    total_timesteps: int = 5_000_000  # total environment steps (one per env per vector step, all agents acting at once)
+    num_envs: int = 10  # the number of parallel environments
+    num_steps: int = 1000  # the number of steps per environment per rollout
 
     # Algorithm
-    mode: str = "admm"
-    """admm (MATRPO), independent (each agent TRPO on its own reward and action) or centralized (one TRPO policy)"""
-    kl_threshold: float = 0.003
-    """delta: the bound on each agent's mean KL(pi_old || pi_new) per policy iteration"""
-    admm_rho: float = 1.0
-    """rho: the penalty of the augmented Lagrangian"""
-    admm_iters: int = 100
-    """edge activations per policy iteration"""
-    edge_order: str = "random"
-    """which edge each ADMM iteration activates: random (uniformly) or round-robin"""
+    mode: str = "admm"  # admm (MATRPO), independent (TRPO per agent, own reward and action), centralized (one policy)
+    kl_threshold: float = 0.003  # delta: the bound on each agent's mean KL(pi_old || pi_new) per policy iteration
+    admm_rho: float = 1.0  # rho: the penalty of the augmented Lagrangian
+    admm_iters: int = 100  # edge activations per policy iteration
+    edge_order: str = "random"  # which edge each ADMM iteration activates: random (uniformly) or round-robin
     x_update: str = "linearized"
     """the ADMM policy step: linearized (the authors' code, a TRPO step on the local augmented Lagrangian) or prox
     (the baselines always take TRPO's step; they also ignore the admm_* and edge_order settings)"""
     advantage_norm: str | None = None
     """pooled: one mean and std over all agents' advantages (the authors' MATRPO); local: each agent its own (the
     authors' TRPO baseline); None: local for --mode independent, pooled otherwise"""
-    gamma: float = 0.995
-    """the discount factor gamma"""
-    gae_lambda: float = 0.95
-    """the lambda of generalised advantage estimation"""
-    hidden_sizes: tuple[int, ...] = (128, 128)
-    """hidden layer sizes of the policies and the critics (SELU)"""
-    ls_steps: int = 10
-    """the number of step fractions the backtracking line search tries"""
-    backtrack_coef: float = 0.5
-    """the line search tries the fractions backtrack_coef**j, j = 0 .. ls_steps - 1"""
-    cg_iters: int = 10
-    """conjugate gradient iterations solving (F + damping I) s = b"""
-    cg_damping: float = 0.01
-    """the damping added to the Fisher matrix F"""
-    fisher_subsample: int = 5
-    """the Fisher-vector products use every fisher_subsample-th step of each env (authors' code: every 5th sample)"""
-    critic_learning_rate: float = 3e-4
-    """Adam learning rate of the critics"""
-    critic_epochs: int = 3
-    """epochs of the critic update"""
+    gamma: float = 0.995  # the discount factor gamma
+    gae_lambda: float = 0.95  # the lambda of generalised advantage estimation
+    hidden_sizes: tuple[int, ...] = (128, 128)  # hidden layer sizes of the policies and the critics (SELU)
+    ls_steps: int = 10  # the number of step fractions the backtracking line search tries
+    backtrack_coef: float = 0.5  # the line search tries the fractions backtrack_coef**j, j = 0 .. ls_steps - 1
+    cg_iters: int = 10  # conjugate gradient iterations solving (F + damping I) s = b
+    cg_damping: float = 0.01  # the damping added to the Fisher matrix F
+    fisher_subsample: int = 5  # Fisher-vector products on every fisher_subsample-th step of each env (the authors' 5)
+    critic_learning_rate: float = 3e-4  # Adam learning rate of the critics
+    critic_epochs: int = 3  # epochs of the critic update
     critic_minibatch_size: int = 64
-    """samples per critic minibatch (a final partial minibatch is dropped; shuffled every epoch)"""
+    """samples per critic minibatch (reshuffled each epoch; a last partial one is dropped)"""
 
     # Computed at run time (not command-line options)
-    batch_size: tyro.conf.Suppress[int] = 0
-    """samples per agent per iteration (num_envs * num_steps)"""
-    num_iterations: tyro.conf.Suppress[int] = 0
-    """the number of iterations (total_timesteps // batch_size)"""
+    batch_size: tyro.conf.Suppress[int] = 0  # samples per agent per iteration (num_envs * num_steps)
+    num_iterations: tyro.conf.Suppress[int] = 0  # the number of iterations (total_timesteps // batch_size)
 
 
 def fail(message: str):
