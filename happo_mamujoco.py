@@ -11,6 +11,7 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -449,20 +450,38 @@ def load_checkpoint(path: str, args: Args) -> dict:
     """Load a checkpoint, failing with one line if it is unreadable or made by another script, env or architecture."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        saved_args = checkpoint["args"]
+        saved_args, made_by = checkpoint["args"], checkpoint.get("script")  # checkpoints of older code: no "script"
     except Exception as e:
         fail(f"cannot read checkpoint {path!r}: {type(e).__name__}: {e}")
-    made_by = checkpoint.get("script")  # None in checkpoints of older code: then the argument sets tell
-    if made_by not in (None, os.path.basename(__file__)):
-        fail(f"checkpoint {path!r} was made by another script, {made_by}; use that script")
-    if set(saved_args) != set(vars(args)):
-        differing = ", ".join(sorted(set(saved_args) ^ set(vars(args))))
-        fail(f"checkpoint {path!r} was made by another script (arguments {differing} differ); use that script")
+    if made_by not in (None, os.path.basename(__file__)) or set(saved_args) != set(vars(args)):
+        made_by = made_by or "arguments " + ", ".join(sorted(set(saved_args) ^ set(vars(args)))) + " differ"
+        fail(f"checkpoint {path!r} was made by another script ({made_by}); use that script")
     for name in ARCHITECTURE_ARGS:
         if saved_args.get(name) != getattr(args, name):
             fail(f"checkpoint {path!r} was made with {name}={saved_args.get(name)!r}, these args have "
                  f"{name}={getattr(args, name)!r}; pass the same value")  # fmt: skip
     return checkpoint
+
+
+def restore(checkpoint: dict, parts: dict, rng: np.random.Generator | None) -> tuple[int, int]:
+    """Load each part (a module, an optimizer or a list of them) from the checkpoint entry of its name; with rng
+    (--resume), also the random generators. Returns the global step and iteration the checkpoint was saved at."""
+    for name, part in parts.items():
+        for target, state in zip(part, checkpoint[name]) if isinstance(part, list) else [(part, checkpoint[name])]:
+            target.load_state_dict(state)
+    if rng is not None:
+        rng.bit_generator.state = checkpoint["rng"]
+        torch.set_rng_state(checkpoint["torch_rng"])
+    return checkpoint["global_step"], checkpoint["iteration"]
+
+
+def snapshot(parts: dict, global_step: int, iteration: int, rng: np.random.Generator, args: Args) -> dict:
+    """A copy of everything --resume needs: the parts' states, the step counts, the random generators, the args."""
+    states = {name: [p.state_dict() for p in part] if isinstance(part, list) else part.state_dict()
+              for name, part in parts.items()}  # fmt: skip
+    counters = dict(global_step=global_step, iteration=iteration, rng=rng.bit_generator.state,
+                    torch_rng=torch.get_rng_state(), args=vars(args), script=os.path.basename(__file__))  # fmt: skip
+    return copy.deepcopy(states | counters)
 
 
 def save_checkpoint(checkpoint: dict, path: str):
@@ -476,25 +495,26 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^\w.=+-]", "_", name)
 
 
-def start_run(run_dir: str, record: dict, resume_step: int | None):
-    """Create the run folder with args.json; open metrics.jsonl to append. On --resume (resume_step: the checkpoint's
-    step) keep only the lines up to that step and drop a line cut by a crash, with a warning."""
+def start_run(args: Args, label: str, global_step: int, **notes):
+    """The run folder (runs/{label}__{time}, or the checkpoint's on --resume) with args.json (args, command, notes),
+    and metrics.jsonl opened to append; on --resume without the lines after the checkpoint's step, nor a line cut by a
+    crash (with a warning)."""
+    run_dir = os.path.dirname(os.path.abspath(args.resume)) if args.resume else None
+    run_dir = run_dir or os.path.join("runs", safe_name(f"{label}__{int(time.time())}"))
     path = os.path.join(run_dir, "metrics.jsonl")
     try:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(record, f, indent=2)
-        if resume_step is not None and os.path.exists(path):
+            json.dump({**vars(args), "command": " ".join(sys.argv), **notes}, f, indent=2)
+        if args.resume and os.path.exists(path):
             kept = []
-            with open(path) as f:
-                for number, line in enumerate(f, 1):
-                    try:
-                        kept += [line.rstrip("\n") + "\n"] if json.loads(line)["global_step"] <= resume_step else []
-                    except json.JSONDecodeError:
-                        print(f"warning: dropped line {number} of {path}, cut by a crash", file=sys.stderr)
-            with open(path, "w") as f:
-                f.writelines(kept)
-        return open(path, "a")
+            for number, line in enumerate(open(path).read().splitlines(), 1):
+                try:
+                    kept += [line + "\n"] if json.loads(line)["global_step"] <= global_step else []
+                except json.JSONDecodeError:
+                    print(f"warning: dropped line {number} of {path}, cut by a crash", file=sys.stderr)
+            open(path, "w").writelines(kept)
+        return run_dir, open(path, "a")
     except OSError as e:
         fail(f"cannot write the run folder {run_dir!r} ({e.strerror}); run from a folder you can write to")
 
@@ -508,6 +528,30 @@ def check_wandb_login():
             fail("--track needs a W&B login: run `wandb login` once, or log offline with WANDB_MODE=offline")
 
 
+def make_logger(args: Args, run_dir: str, metrics_file) -> Callable:
+    """log(metrics): one line of metrics.jsonl and, with --track, one step of the W&B run (resumed with the run)."""
+    if args.track:
+        import wandb
+
+        name = os.path.basename(run_dir)
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=name, id=name,
+                   resume="allow", dir=run_dir, save_code=True)  # fmt: skip
+
+    def log(metrics: dict):
+        metrics_file.write(json.dumps(metrics) + "\n")
+        metrics_file.flush()
+        if args.track:
+            wandb.log(metrics, step=metrics["global_step"])
+
+    return log
+
+
+def with_video(make: Callable, run_dir: str) -> Callable:
+    """The env of make() filming its first episode to run_dir/videos."""
+    video_dir = os.path.join(run_dir, "videos")
+    return lambda: gym.wrappers.RecordVideo(make(), video_dir, episode_trigger=lambda e: e == 0, disable_logger=True)
+
+
 def progress_line(step: int, total: int, steps_per_second: float, episodes: str) -> str:
     """The console line of an iteration: step / total, percent, env-steps/s, ETA and the latest episodes' return."""
     eta = int((total - step) / max(steps_per_second, 1e-9))
@@ -516,24 +560,18 @@ def progress_line(step: int, total: int, steps_per_second: float, episodes: str)
 
 
 def raise_keyboard_interrupt(signum, frame):
-    """The SIGTERM (and SIGINT) handler: both end training through KeyboardInterrupt, with the signal's number."""
+    """The SIGTERM handler: stop as on Ctrl-C, through KeyboardInterrupt, with the signal's number."""
     raise KeyboardInterrupt(signum)
-
-
-def resume_command(checkpoint_path: str) -> str:
-    """This run's command line with --resume checkpoint_path (in place of an earlier --resume)."""
-    argv = sys.argv[1:]
-    kept = [a for a, previous in zip(argv, ["", *argv]) if "--resume" not in (a.split("=")[0], previous)]
-    return shlex.join(["python", sys.argv[0], *kept, "--resume", checkpoint_path])
 
 
 def stop(reason: BaseException, global_step: int, checkpoint: dict | None, path: str):
     """End training on Ctrl-C or SIGTERM (exit 128 + signal) or a NaN/inf (exit 1), saving the last good checkpoint."""
-    if checkpoint is None:
-        saved = "nothing saved (--save-model saves checkpoints)"
-    else:
+    saved = "nothing saved (--save-model saves checkpoints)"
+    if checkpoint is not None:
         save_checkpoint(checkpoint, path)
-        saved = f"saved global_step={checkpoint['global_step']} to {path}; resume with: {resume_command(path)}"
+        argv = [a for a, previous in zip(sys.argv, ["", *sys.argv]) if "--resume" not in (a.split("=")[0], previous)]
+        resume = shlex.join(["python", *argv, "--resume", path])  # this command, resuming from the checkpoint
+        saved = f"saved global_step={checkpoint['global_step']} to {path}; resume with: {resume}"
     if isinstance(reason, NonFiniteError):
         print(f"error: {reason} at global_step={global_step}; stopping, {saved}", file=sys.stderr)
         sys.exit(1)
@@ -578,13 +616,11 @@ class NonFiniteError(Exception):
 
 def check_finite(metrics: dict, networks: dict):
     """Raise NonFiniteError naming the first NaN/inf metric or network parameter."""
-    for name, value in metrics.items():
-        if not math.isfinite(value):
-            raise NonFiniteError(f"{name} is {value}")
-    for name, network in networks.items():
-        for param_name, param in network.named_parameters():
-            if not torch.isfinite(param).all():
-                raise NonFiniteError(f"{name} parameter {param_name} is nan or inf")
+    bad = [f"{name} is {value}" for name, value in metrics.items() if not math.isfinite(value)]
+    bad += [f"{name} parameter {param_name} is nan or inf" for name, network in networks.items()
+            for param_name, param in network.named_parameters() if not torch.isfinite(param).all()]  # fmt: skip
+    if bad:
+        raise NonFiniteError(bad[0])
 
 
 if __name__ == "__main__":
@@ -608,31 +644,22 @@ if __name__ == "__main__":
     rng = np.random.default_rng(args.seed)  # agent orders and minibatch shuffles
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    run_dir = os.path.join("runs", safe_name(f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"))
-    run_dir = os.path.dirname(os.path.abspath(args.resume)) if args.resume else run_dir
-    run_name, checkpoint_path = os.path.basename(run_dir), os.path.join(run_dir, safe_name(args.exp_name) + ".pt")
-
     # env setup
-    def make_eval_envs(video: bool) -> gym.vector.SyncVectorEnv:
-        """One env per evaluation episode; with video, env 0 films its episode."""
-        render_modes = ["rgb_array" if video and i == 0 else None for i in range(args.eval_episodes)]
-        thunks = [make_env(args.env_id, args.agent_obsk, render_mode) for render_mode in render_modes]
-        if video:
-            first = thunks[0]
-            thunks[0] = lambda: gym.wrappers.RecordVideo(
-                first(), os.path.join(run_dir, "videos"), episode_trigger=lambda e: e == 0, disable_logger=True
-            )
-        return gym.vector.SyncVectorEnv(thunks)
-
     envs = (gym.vector.AsyncVectorEnv if args.async_envs else gym.vector.SyncVectorEnv)(
         [make_env(args.env_id, args.agent_obsk) for _ in range(args.num_envs)],
         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
     )
     agents = envs.get_attr("agents")[0]
-    num_agents = len(agents)
-    action_spaces = list(envs.single_action_space)
+    num_agents, action_spaces = len(agents), list(envs.single_action_space)
     state_size = envs.single_observation_space["state"].shape[0]
 
+    def make_eval_envs(video: bool) -> gym.vector.SyncVectorEnv:
+        """One env per evaluation episode; with video, env 0 films its episode."""
+        modes = ["rgb_array" if video and i == 0 else None for i in range(args.eval_episodes)]
+        thunks = [make_env(args.env_id, args.agent_obsk, mode) for mode in modes]
+        return gym.vector.SyncVectorEnv([with_video(thunks[0], run_dir) if video else thunks[0], *thunks[1:]])
+
+    # agent setup
     actors = [
         Actor(envs.single_observation_space[a].shape[0], space, args.hidden_sizes).to(device)
         for a, space in zip(agents, action_spaces)
@@ -642,68 +669,29 @@ if __name__ == "__main__":
     actor_optimizers = [torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=1e-5) for actor in actors]
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5)
 
-    def make_checkpoint() -> dict:
-        return {
-            "actors": [actor.state_dict() for actor in actors],
-            "actor_optimizers": [opt.state_dict() for opt in actor_optimizers],
-            "critic": critic.state_dict(),
-            "critic_optimizer": critic_optimizer.state_dict(),
-            "value_norm": value_norm.state_dict(),
-            "global_step": global_step,
-            "iteration": iteration,
-            "rng": rng.bit_generator.state,
-            "torch_rng": torch.get_rng_state(),
-            "args": vars(args),
-            "script": os.path.basename(__file__),
-        }
-
+    # ----- boilerplate a researcher may skip: resume, run folder, logging, evaluation -----
+    parts = dict(actors=actors, actor_optimizers=actor_optimizers, critic=critic,
+                 critic_optimizer=critic_optimizer, value_norm=value_norm)  # fmt: skip
     global_step, iteration = 0, 0
-    if checkpoint is not None:  # --resume or --eval-checkpoint
-        for actor, state in zip(actors, checkpoint["actors"]):
-            actor.load_state_dict(state)
-        global_step, iteration = checkpoint["global_step"], checkpoint["iteration"]
     if args.resume:
-        for opt, state in zip(actor_optimizers, checkpoint["actor_optimizers"]):
-            opt.load_state_dict(state)
-        critic.load_state_dict(checkpoint["critic"])
-        critic_optimizer.load_state_dict(checkpoint["critic_optimizer"])
-        value_norm.load_state_dict(checkpoint["value_norm"])
-        rng.bit_generator.state = checkpoint["rng"]
-        torch.set_rng_state(checkpoint["torch_rng"])
+        global_step, iteration = restore(checkpoint, parts, rng)
         print(f"resumed from {args.resume} at global_step={global_step}")
-
-    # the run folder, metrics.jsonl (a resumed run drops lines written after its checkpoint) and W&B with --track
-    metrics_file = start_run(
-        run_dir,
-        {**vars(args), "command": " ".join(sys.argv), "from_tuned_table": tuned_values},
-        global_step if args.resume else None,
-    )
+    elif args.eval_checkpoint:
+        global_step, iteration = restore(checkpoint, dict(actors=actors), rng=None)
+    label = f"{args.env_id}__{args.exp_name}__{args.seed}"
+    run_dir, metrics_file = start_run(args, label, global_step, from_tuned_table=tuned_values)
+    checkpoint_path = os.path.join(run_dir, safe_name(args.exp_name) + ".pt")
+    log = make_logger(args, run_dir, metrics_file)
     total = args.num_iterations * args.batch_size
     print(f"run folder {run_dir}: {total:,} steps, on {device} with {torch.get_num_threads()} torch thread(s)")
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name,
-                   id=run_name, resume="allow", dir=run_dir, save_code=True)  # fmt: skip
-
-    def log(metrics: dict):
-        metrics_file.write(json.dumps(metrics) + "\n")
-        metrics_file.flush()
-        if args.track:
-            wandb.log(metrics, step=metrics["global_step"])
 
     def evaluate_and_log(eval_envs: gym.vector.VectorEnv | None = None):
         """Evaluate at global_step on the given envs, or on new ones, then closed (which writes the video)."""
         envs_now = make_eval_envs(args.capture_video) if eval_envs is None else eval_envs
         returns = evaluate(actors, agents, envs_now, env_seeds(args.seed, args.eval_episodes, purpose=1), device)
         print(f"eval/episodic_return={returns.mean():.2f} +- {returns.std():.2f} over {len(returns)} episodes")
-        log(
-            {
-                "global_step": global_step,
-                "eval/episodic_return": returns.mean(),
-                "eval/episodic_return_std": returns.std(),
-            }
-        )
+        log({"global_step": global_step, "eval/episodic_return": returns.mean(),
+             "eval/episodic_return_std": returns.std()})  # fmt: skip
         if eval_envs is None:
             envs_now.close()
 
@@ -711,10 +699,8 @@ if __name__ == "__main__":
         evaluate_and_log()
         sys.exit(0)
     periodic_eval_envs = make_eval_envs(video=False) if args.eval_interval else None
-
-    # Ctrl-C or SIGTERM raise KeyboardInterrupt: stop() saves the last good checkpoint and says how to resume
-    signal.signal(signal.SIGINT, raise_keyboard_interrupt)
-    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # like Ctrl-C: stop() saves and says how to resume
+    # ----- end of boilerplate -----
 
     # rollout storage: one tensor per agent (observation and action sizes may differ between agents)
     T, E = args.num_steps, args.num_envs
@@ -731,7 +717,7 @@ if __name__ == "__main__":
     # start the game
     next_obs, _ = envs.reset(seed=env_seeds(args.seed, E, purpose=0, step=global_step))
     episode_returns, episode_lengths = np.zeros(E), np.zeros(E, dtype=int)
-    last_good_checkpoint = copy.deepcopy(make_checkpoint()) if args.save_model else None
+    last_good_checkpoint = snapshot(parts, global_step, iteration, rng, args) if args.save_model else None
     start_time, start_step, episodes = time.time(), global_step, "no episode has ended yet"
     try:
         while iteration < args.num_iterations:
@@ -830,7 +816,7 @@ if __name__ == "__main__":
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # a signal waits for the pair:
             log(metrics)  # the metrics line and the checkpoint of the same step
             if args.save_model:  # the state after a finite update: what an interrupt or a later NaN saves
-                last_good_checkpoint = copy.deepcopy(make_checkpoint())
+                last_good_checkpoint = snapshot(parts, global_step, iteration, rng, args)
                 if iteration % args.save_interval == 0 or iteration == args.num_iterations:
                     save_checkpoint(last_good_checkpoint, checkpoint_path)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
@@ -851,4 +837,6 @@ if __name__ == "__main__":
         evaluate_and_log()
     metrics_file.close()
     if args.track:
+        import wandb
+
         wandb.finish()

@@ -7,8 +7,10 @@ import ast
 import contextlib
 import difflib
 import io
+import json
 import math
 import sys
+import tempfile
 
 import gymnasium as gym
 import numpy as np
@@ -223,14 +225,47 @@ def happo_update_outputs(m) -> tuple:
 
 
 def start_run_outputs(m, tmp_path) -> tuple:
-    """A resumed run keeps the metrics lines up to its checkpoint's step and drops a line cut by a crash."""
+    """A resumed run keeps the metrics lines up to its checkpoint's step and drops a line cut by a crash; args.json
+    holds the args, the command and the notes."""
     run_dir = tmp_path / "run"
     run_dir.mkdir(exist_ok=True)
     (run_dir / "metrics.jsonl").write_text('{"global_step": 50}\n{"global_step": 100}\n{"global_step": 150}\n{"glo')
-    stderr = io.StringIO()
+    stderr, args = io.StringIO(), make_args(m, resume=str(run_dir / "a.pt"))
     with contextlib.redirect_stderr(stderr):
-        m.start_run(str(run_dir), record={"seed": 1}, resume_step=100).close()
-    return (run_dir / "metrics.jsonl").read_text(), (run_dir / "args.json").read_text(), stderr.getvalue()
+        folder, metrics_file = m.start_run(args, label="unused on resume", global_step=100, note="kept")
+    metrics_file.close()
+    record = json.loads((run_dir / "args.json").read_text())
+    assert {k: v for k, v in record.items() if k not in ("command", "note")} == json.loads(json.dumps(vars(args)))
+    return folder == str(run_dir), (run_dir / "metrics.jsonl").read_text(), record["note"], stderr.getvalue()
+
+
+def snapshot_and_restore_outputs(m) -> list:
+    """A snapshot holds copies (later training does not change it); restore puts every part and the generators back."""
+    net, nets = (
+        seeded(lambda: nn.Linear(3, 2)),
+        [seeded(lambda: nn.Linear(2, 2), 1), seeded(lambda: nn.Linear(2, 1), 2)],
+    )
+    optimizer, rng = torch.optim.Adam(net.parameters(), lr=0.1), np.random.default_rng(5)
+    net(x(4, 3)).sum().backward()
+    optimizer.step()
+    parts = dict(net=net, nets=nets, optimizer=optimizer)
+    saved = m.snapshot(parts, global_step=300, iteration=3, rng=rng, args=m.Args())
+    before = [p.detach().clone() for p in net.parameters()], rng.random(), torch.rand(2)
+    with torch.no_grad():
+        for p in [*net.parameters(), *nets[1].parameters()]:
+            p.add_(1.0)
+    steps = m.restore(saved, parts, rng)
+    after = [p.detach().clone() for p in net.parameters()], rng.random(), torch.rand(2)
+    assert saved["script"] == m.__name__ + ".py" and saved["args"] == vars(m.Args())
+    return [steps, before, after, nets[1].state_dict(), optimizer.state_dict()["state"][0]["exp_avg"]]
+
+
+def make_logger_outputs(m, tmp_path) -> str:
+    with open(tmp_path / "metrics.jsonl", "w") as metrics_file:
+        log = m.make_logger(m.Args(track=False), run_dir=str(tmp_path), metrics_file=metrics_file)
+        log({"global_step": 4, "charts/SPS": 2.5})
+        log({"global_step": 8, "eval/episodic_return": -1.0})
+    return (tmp_path / "metrics.jsonl").read_text()
 
 
 def check_wandb_login_outputs(m):
@@ -246,26 +281,18 @@ def raise_keyboard_interrupt_outputs(m) -> tuple:
     return interrupt.value.args
 
 
-def resume_command_outputs(m) -> list:
-    results, argv = [], sys.argv
-    try:
-        for sys.argv in (["a.py", "--seed", "2"], ["a.py", "--resume", "old.pt", "--seed", "2", "--resume=x y.pt"]):
-            results.append(m.resume_command(checkpoint_path="runs/r|1/a.pt"))
-    finally:
-        sys.argv = argv
-    return results
-
-
 def stop_outputs(m, tmp_path) -> list:
-    """A NaN: exit 1 with one error line; Ctrl-C/SIGTERM: the last good checkpoint saved, exit 128 + signal."""
-    path, argv = str(tmp_path / "a.pt"), sys.argv
+    """A NaN: exit 1 with one error line; Ctrl-C/SIGTERM: the last good checkpoint saved, exit 128 + signal, and the
+    command that resumes from it (an earlier --resume replaced, in both its forms)."""
+    path, argv, stdout = str(tmp_path / "r|1.pt"), sys.argv, io.StringIO()
     results = [exit_of(m.stop, m.NonFiniteError("agent0/policy_loss is nan"), 100, None, path)]
     try:
-        sys.argv = ["a.py"]
-        results.append(exit_of(m.stop, KeyboardInterrupt(15), 100, {"global_step": 50}, path))
+        sys.argv = ["a.py", "--resume", "old.pt", "--seed", "2", "--resume=x y.pt"]
+        with contextlib.redirect_stdout(stdout):
+            results.append(exit_of(m.stop, KeyboardInterrupt(15), 100, {"global_step": 50}, path))
     finally:
         sys.argv = argv
-    return results + [torch.load(path)]
+    return results + [stdout.getvalue().replace(path, "PATH"), torch.load(path)]
 
 
 def agent_factorization_outputs(m) -> list:
@@ -343,7 +370,16 @@ BEHAVIOUR = {
     "check_wandb_login": lambda m, tmp_path: check_wandb_login_outputs(m),
     "progress_line": lambda m, tmp_path: m.progress_line(step=3000, total=10_000, steps_per_second=1.5, episodes="-"),
     "raise_keyboard_interrupt": lambda m, tmp_path: raise_keyboard_interrupt_outputs(m),
-    "resume_command": lambda m, tmp_path: resume_command_outputs(m),
+    "restore": lambda m, tmp_path: snapshot_and_restore_outputs(m),
+    "snapshot": lambda m, tmp_path: snapshot_and_restore_outputs(m),
+    "make_logger": make_logger_outputs,
+    "with_video": lambda m, tmp_path: (
+        type(
+            m.with_video(
+                lambda: gym.make("CartPole-v1", render_mode="rgb_array"), run_dir=tempfile.mkdtemp(dir=tmp_path)
+            )()
+        ).__name__
+    ),
     "stop": stop_outputs,
     # defined in one script today; the sibling scripts of other environments will share them
     "happo_update": lambda m, tmp_path: happo_update_outputs(m),
