@@ -12,8 +12,9 @@ Everything after `--` is passed to every run. Each run (script, env id, flags, s
     segments.jsonl    one line per process: start and end time, the step it resumed from, exit code
     done / failed     written when the script exits 0 after its final evaluation / with an error
 
-Runs are started with --save-model. Ctrl-C or SIGTERM asks every run to finish its iteration, save and stop (a second
-signal kills them); the same command later resumes each unfinished run from its checkpoint and skips finished ones.
+Runs are started with --save-model. Ctrl-C or SIGTERM asks every run to save the state after its last completed
+iteration and stop (a second signal kills them); the same command later resumes each unfinished run from its
+checkpoint and skips finished ones.
 The runner imports nothing from the scripts: it runs them as programs.
 """
 
@@ -174,7 +175,7 @@ def main(argv=None) -> int:
 
     def request_stop(signum, frame):
         signals.append(signum)
-        print(f"runner: stopping {len(active)} run(s)" + (" now" if len(signals) > 1 else " after their iteration"))
+        print(f"runner: stopping {len(active)} run(s)" + (" now" if len(signals) > 1 else ", each saving"))
         for process in active:
             process.send_signal(signal.SIGKILL if len(signals) > 1 else signal.SIGTERM)
 
