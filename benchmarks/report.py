@@ -171,11 +171,13 @@ def summarise(configs: dict, window: int) -> list[dict]:
 def milestones(configs: dict, window: int) -> list[dict]:
     rows = []
     for (script, env_id, flags), runs in sorted(configs.items()):
-        reached = min(r["steps"][-1] for r in runs if len(r["steps"])) if any(len(r["steps"]) for r in runs) else 0
-        for at in (s for s in MILESTONES if s <= reached):
-            mean, std = mean_std([window_mean(r["steps"], r["returns"], at, window) for r in runs])
-            eval_mean, eval_std = mean_std([eval_at(r, at, window) for r in runs])
-            row = dict(script=script, env_id=env_id, flags=flags, seeds=len(runs), step=at)
+        for at in MILESTONES:  # over the seeds that reached the step (a run still under way joins as it gets there)
+            reached = [r for r in runs if len(r["steps"]) and r["steps"][-1] >= at]
+            if not reached:
+                break
+            mean, std = mean_std([window_mean(r["steps"], r["returns"], at, window) for r in reached])
+            eval_mean, eval_std = mean_std([eval_at(r, at, window) for r in reached])
+            row = dict(script=script, env_id=env_id, flags=flags, seeds=len(reached), step=at)
             rows.append(row | dict(return_mean=mean, return_std=std, eval_mean=eval_mean, eval_std=eval_std))
     return rows
 
@@ -295,6 +297,7 @@ def main(argv=None):
     figures = defaultdict(dict)
     for (script, env_id, flags), runs in configs.items():
         runs = [r for r in runs if len(r["steps"])]
+        runs = [r for r in runs if r["done"]] or runs  # the curves of finished seeds, while others are under way
         task = env_id if env_id != "default" else Path(script).stem
         if runs:
             figures[figure_name(task, "--continuous-actions" in flags.split())][script, env_id, flags] = runs

@@ -177,7 +177,7 @@ def test_report_averages_the_last_window_of_each_seed_then_over_seeds(tmp_path):
     assert list(out.glob("curves/*.png")) == [out / "curves" / "x.png"]
 
 
-def test_report_milestones_include_the_anchors_at_the_steps_every_seed_reached(tmp_path):
+def test_report_milestones_average_the_seeds_that_reached_each_step_and_include_the_anchors(tmp_path):
     write_run(tmp_path, 1, [-80.0 + i for i in range(30)])  # 300k steps
     write_run(tmp_path, 2, [-90.0 + i for i in range(26)])  # 260k steps
     anchors = tmp_path / "anchors"
@@ -186,8 +186,10 @@ def test_report_milestones_include_the_anchors_at_the_steps_every_seed_reached(t
     (anchors / "harl_x_discrete.csv").write_text("\n".join(rows))
     out = tmp_path / "out"
     report.main(["--results", str(tmp_path), "--out", str(out), "--anchors", str(anchors), "--window", "20000"])
-    got = {(m["script"], int(m["step"])): float(m["return_mean"]) for m in csv.DictReader(open(out / "milestones.csv"))}
+    rows = list(csv.DictReader(open(out / "milestones.csv")))
+    got = {(m["script"], int(m["step"])): float(m["return_mean"]) for m in rows}
     # ours at 100k: seeds' (90k, 100k] values (-72, -71) and (-82, -81); at 250k (-57, -56) and (-67, -66)
+    assert [m["seeds"] for m in rows if m["script"] == "happo_mpe.py"] == ["2", "2"]
     assert got == {
         ("happo_mpe.py", 100_000): pytest.approx(-76.5),
         ("happo_mpe.py", 250_000): pytest.approx(-61.5),
@@ -195,6 +197,19 @@ def test_report_milestones_include_the_anchors_at_the_steps_every_seed_reached(t
         ("HARL hatrpo", 250_000): pytest.approx(-75.5),
         ("HARL hatrpo", 500_000): pytest.approx(-50.5),
     }
+
+
+def test_report_milestone_counts_a_seed_under_way_only_once_it_reached_the_step(tmp_path):
+    write_run(tmp_path, 1, [-80.0 + i for i in range(30)])  # 300k steps, done
+    write_run(tmp_path, 3, [-90.0 + i for i in range(15)])  # 150k steps, still running
+    (tmp_path / "happo_mpe__x__s3" / "done").unlink()
+    out = tmp_path / "out"
+    report.main(
+        ["--results", str(tmp_path), "--out", str(out), "--anchors", str(tmp_path / "none"), "--window", "20000"]
+    )
+    rows = [(m["seeds"], int(m["step"]), float(m["return_mean"])) for m in csv.DictReader(open(out / "milestones.csv"))]
+    # 100k: seed 1 (-72, -71) and seed 3 (-82, -81); 250k: seed 1 alone (-57, -56)
+    assert rows == [("2", 100_000, pytest.approx(-76.5)), ("1", 250_000, pytest.approx(-56.5))]
 
 
 def test_report_rejects_a_window_that_is_not_positive(capsys):
