@@ -118,7 +118,7 @@ def test_fisher_vector_product_is_the_explicit_kl_hessian_times_v_plus_damping(k
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# One HATRPO step against a naive re-implementation of the paper's trust-region step with an explicit Hessian and a direct solve
+# One HATRPO step against a naive re-implementation of the trust-region step: explicit Hessian, direct solve
 def make_batch(kind: str, seed: int = 0):
     actor, obs = tiny_actor(kind, seed)
     generator = torch.Generator().manual_seed(seed + 1)
