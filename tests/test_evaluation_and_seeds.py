@@ -52,7 +52,7 @@ def test_parallel_evaluation_matches_one_episode_at_a_time(m, make_env, seeds):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_periodic_evaluation_logs_at_its_interval_and_leaves_training_unchanged(script, tmp_path):
-    """--eval-interval 100 on 50-step iterations: eval lines at steps 100 and 200 (and at 150+50 only once); the
+    """--eval-interval 100 on 50-step iterations of a 250-step run: one eval line at each of steps 100 and 200; the
     training lines are exactly those of a run without evaluation."""
     for name, interval in (("with", "100"), ("without", "0")):
         (tmp_path / name).mkdir()
