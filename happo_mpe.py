@@ -436,9 +436,28 @@ def progress_line(step: int, total: int, steps_per_second: float, episodes: str)
             f"ETA {eta // 3600}:{eta % 3600 // 60:02}:{eta % 60:02} | {episodes}")  # fmt: skip
 
 
-def raise_keyboard_interrupt(signum, frame):
-    """The SIGTERM handler: stop as on Ctrl-C, through KeyboardInterrupt, with the signal's number."""
-    raise KeyboardInterrupt(signum)
+class Interrupts:
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt(signal number), which stop() handles; inside `with interrupts:` they
+    wait for the end of the block. (Blocking them with pthread_sigmask would not: the OS may hand a signal to another
+    thread, and Python still acts on it at once.)"""
+
+    def __init__(self):
+        self.deferring, self.pending = False, None
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        if not self.deferring:
+            raise KeyboardInterrupt(signum)
+        self.pending = signum
+
+    def __enter__(self):
+        self.deferring = True
+
+    def __exit__(self, *exception):
+        self.deferring = False
+        if self.pending is not None:
+            raise KeyboardInterrupt(self.pending)
 
 
 def stop(reason: BaseException, global_step: int, checkpoint: dict | None, path: str):
@@ -453,7 +472,7 @@ def stop(reason: BaseException, global_step: int, checkpoint: dict | None, path:
         print(f"error: {reason} at global_step={global_step}; stopping, {saved}", file=sys.stderr)
         sys.exit(1)
     print(f"interrupted at global_step={global_step}: {saved}", flush=True)
-    sys.exit(128 + (reason.args[0] if reason.args else signal.SIGINT))
+    sys.exit(128 + reason.args[0])
 
 
 def env_action(action: torch.Tensor, space: gym.Space) -> np.ndarray:
@@ -573,7 +592,7 @@ if __name__ == "__main__":
         evaluate_and_log()
         sys.exit(0)
     periodic_eval_envs = make_eval_envs(video=False) if args.eval_interval else None
-    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # like Ctrl-C: stop() saves and says how to resume
+    interrupts = Interrupts()  # Ctrl-C and SIGTERM: stop() saves the last good checkpoint and says how to resume
     # ----- end of boilerplate -----
 
     # rollout storage: one tensor per agent (observation and action sizes may differ between agents)
@@ -687,21 +706,20 @@ if __name__ == "__main__":
             for i in range(num_agents):
                 metrics.update({f"agent{i}/{name}": value for name, value in agent_stats[i].items()})
             check_finite(metrics, {**{f"agent{i}": actor for i, actor in enumerate(actors)}, "critic": critic})
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # a signal waits for the pair:
-            log(metrics)  # the metrics line and the checkpoint of the same step
-            if args.save_model:  # the state after a finite update: what an interrupt or a later NaN saves
-                last_good_checkpoint = snapshot(parts, global_step, iteration, rng, args)
-                if iteration % args.save_interval == 0 or iteration == args.num_iterations:
-                    save_checkpoint(last_good_checkpoint, checkpoint_path)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
             if finished_returns:
                 ended = f"{len(finished_returns)} episodes ended by step {global_step:,}"
                 episodes = f"episodic_return={metrics['charts/episodic_return']:.2f} ({ended})"
-            print(progress_line(global_step, total, sps, episodes))
-            # evaluate each time global_step passes a multiple of eval_interval (at the end, --save-model evaluates)
-            saved_and_evaluated_below = args.save_model and iteration == args.num_iterations
-            if args.eval_interval and global_step % args.eval_interval < E * T and not saved_and_evaluated_below:
-                evaluate_and_log(periodic_eval_envs)
+            with interrupts:  # a signal waits until this step's metrics line, evaluation and checkpoint are written
+                log(metrics)
+                print(progress_line(global_step, total, sps, episodes))
+                # evaluate each time global_step passes a multiple of eval_interval (at the end, --save-model does)
+                saved_and_evaluated_below = args.save_model and iteration == args.num_iterations
+                if args.eval_interval and global_step % args.eval_interval < E * T and not saved_and_evaluated_below:
+                    evaluate_and_log(periodic_eval_envs)
+                if args.save_model:  # the state after a finite update: what an interrupt or a later NaN saves
+                    last_good_checkpoint = snapshot(parts, global_step, iteration, rng, args)
+                    if iteration % args.save_interval == 0 or iteration == args.num_iterations:
+                        save_checkpoint(last_good_checkpoint, checkpoint_path)
     except (KeyboardInterrupt, NonFiniteError) as reason:
         stop(reason, global_step, last_good_checkpoint, checkpoint_path)
     envs.close()

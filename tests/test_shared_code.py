@@ -9,8 +9,12 @@ import difflib
 import io
 import json
 import math
+import os
+import signal
 import sys
 import tempfile
+import threading
+import time
 
 import gymnasium as gym
 import numpy as np
@@ -275,10 +279,41 @@ def check_wandb_login_outputs(m):
         return m.check_wandb_login()
 
 
-def raise_keyboard_interrupt_outputs(m) -> tuple:
-    with pytest.raises(KeyboardInterrupt) as interrupt:
-        m.raise_keyboard_interrupt(signum=15, frame=None)
-    return interrupt.value.args
+def interrupts_outputs(m) -> list:
+    """A signal raises KeyboardInterrupt(signal number) at once outside `with interrupts:` and at the block's end inside
+    it, also when the OS hands it to another thread (which pthread_sigmask in the main thread would not hold back)."""
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    events = []
+    try:
+        interrupts = m.Interrupts()
+        with pytest.raises(KeyboardInterrupt) as outside:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises within this sleep
+            events.append("not interrupted")
+        events.append(("outside", outside.value.args))
+        other_thread = threading.Thread(target=time.sleep, args=(0.5,))  # started before the block, like torch's
+        other_thread.start()
+        with pytest.raises(KeyboardInterrupt) as inside:
+            with interrupts:
+                signal.pthread_kill(other_thread.ident, signal.SIGINT)
+                other_thread.join()
+                for _ in range(100):
+                    time.sleep(0.001)  # many chances for Python to run the handler in the main thread
+                events.append("the block ran to its end")
+        events.append(("inside", inside.value.args))
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return events
+
+
+def test_interrupts_wait_for_the_end_of_the_block():
+    """Without this, a signal between a step's metrics line and its checkpoint left a checkpoint one step behind."""
+    assert interrupts_outputs(load_script("happo_mpe.py")) == [
+        ("outside", (signal.SIGTERM,)),
+        "the block ran to its end",
+        ("inside", (signal.SIGINT,)),
+    ]
 
 
 def stop_outputs(m, tmp_path) -> list:
@@ -369,7 +404,7 @@ BEHAVIOUR = {
     "start_run": start_run_outputs,
     "check_wandb_login": lambda m, tmp_path: check_wandb_login_outputs(m),
     "progress_line": lambda m, tmp_path: m.progress_line(step=3000, total=10_000, steps_per_second=1.5, episodes="-"),
-    "raise_keyboard_interrupt": lambda m, tmp_path: raise_keyboard_interrupt_outputs(m),
+    "Interrupts": lambda m, tmp_path: interrupts_outputs(m),
     "restore": lambda m, tmp_path: snapshot_and_restore_outputs(m),
     "snapshot": lambda m, tmp_path: snapshot_and_restore_outputs(m),
     "make_logger": make_logger_outputs,
