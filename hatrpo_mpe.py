@@ -83,17 +83,13 @@ def fail(message: str):
     sys.exit(2)
 
 
-# The range of each numeric field: (fields, test, what the error message says)
-ARG_RANGES = (
-    (
-        "num_envs num_steps total_timesteps num_minibatches critic_epochs max_cycles save_interval eval_episodes "
-        "torch_threads critic_learning_rate max_grad_norm huber_delta kl_threshold ls_steps cg_iters",
-        lambda x: x > 0,
-        "positive",
-    ),
+ARG_RANGES = (  # (fields, test, what the error message says), checked by validate_args
+    ("num_envs num_steps total_timesteps num_minibatches critic_epochs max_cycles save_interval eval_episodes "
+     "torch_threads critic_learning_rate max_grad_norm huber_delta kl_threshold ls_steps "
+     "cg_iters", lambda x: x > 0, "positive"),
     ("gamma gae_lambda clip_coef backtrack_coef", lambda x: 0 < x <= 1, "in (0, 1]"),
     ("accept_ratio cg_damping eval_interval", lambda x: x >= 0, ">= 0"),
-)
+)  # fmt: skip
 
 
 def validate_args(args: Args):
@@ -115,9 +111,6 @@ def validate_args(args: Args):
         fail(f"--total-timesteps {args.total_timesteps} is smaller than one batch of {args.batch_size} steps")
     if args.resume and args.eval_checkpoint:
         fail("give either --resume or --eval-checkpoint, not both")
-    for path in (args.resume, args.eval_checkpoint):
-        if path is not None and not os.path.isfile(path):
-            fail(f"checkpoint {path!r} does not exist")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -392,8 +385,13 @@ def critic_update(critic, optimizer, states, targets, old_values, args: Args, rn
 ARCHITECTURE_ARGS = ("env_id", "continuous_actions", "hidden_sizes")
 
 
-def load_checkpoint(path: str, args: Args) -> dict:
-    """Load a checkpoint, failing with one line if it is unreadable or made by another script, env or architecture."""
+def restore(args: Args, parts: dict, rng: np.random.Generator) -> tuple[int, int]:
+    """Load the checkpoint of --resume (every part and the random generators) or --eval-checkpoint (the parts given),
+    failing with one line if it is unreadable or made by another script, env or architecture. Returns the global step
+    and iteration it was saved at; (0, 0) without a checkpoint."""
+    path = args.resume or args.eval_checkpoint
+    if path is None:
+        return 0, 0
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         saved_args, made_by = checkpoint["args"], checkpoint.get("script")  # checkpoints of older code: no "script"
@@ -406,18 +404,13 @@ def load_checkpoint(path: str, args: Args) -> dict:
         if saved_args.get(name) != getattr(args, name):
             fail(f"checkpoint {path!r} was made with {name}={saved_args.get(name)!r}, these args have "
                  f"{name}={getattr(args, name)!r}; pass the same value")  # fmt: skip
-    return checkpoint
-
-
-def restore(checkpoint: dict, parts: dict, rng: np.random.Generator | None) -> tuple[int, int]:
-    """Load each part (a module, an optimizer or a list of them) from the checkpoint entry of its name; with rng
-    (--resume), also the random generators. Returns the global step and iteration the checkpoint was saved at."""
     for name, part in parts.items():
         for target, state in zip(part, checkpoint[name]) if isinstance(part, list) else [(part, checkpoint[name])]:
             target.load_state_dict(state)
-    if rng is not None:
+    if args.resume:
         rng.bit_generator.state = checkpoint["rng"]
         torch.set_rng_state(checkpoint["torch_rng"])
+        print(f"resumed from {path} at global_step={checkpoint['global_step']}")
     return checkpoint["global_step"], checkpoint["iteration"]
 
 
@@ -441,10 +434,17 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^\w.=+-]", "_", name)
 
 
-def start_run(args: Args, label: str, global_step: int, **notes):
-    """The run folder (runs/{label}__{time}, or the checkpoint's on --resume) with args.json (args, command, notes),
-    and metrics.jsonl opened to append; on --resume without the lines after the checkpoint's step, nor a line cut by a
-    crash (with a warning)."""
+def start_run(args: Args, label: str, global_step: int, **notes) -> tuple[str, str, Callable]:
+    """Make the run folder (runs/{label}__{time}, or the checkpoint's on --resume) with args.json (args, command, notes)
+    and return it, the checkpoint path and log(metrics), which appends a line to metrics.jsonl and, with --track, logs
+    a W&B step. On --resume, metrics.jsonl loses the lines after the checkpoint's step and a line cut by a crash."""
+    if args.track:
+        import wandb
+
+        # without a terminal wandb cannot ask for its API key: check the login before making the folder
+        if os.environ.get("WANDB_MODE") not in ("offline", "disabled") and not sys.stdin.isatty():
+            if not wandb.login(prompt=False, verify=False):
+                fail("--track needs a W&B login: run `wandb login` once, or log offline with WANDB_MODE=offline")
     run_dir = os.path.dirname(os.path.abspath(args.resume)) if args.resume else None
     run_dir = run_dir or os.path.join("runs", safe_name(f"{label}__{int(time.time())}"))
     path = os.path.join(run_dir, "metrics.jsonl")
@@ -460,25 +460,10 @@ def start_run(args: Args, label: str, global_step: int, **notes):
                 except json.JSONDecodeError:
                     print(f"warning: dropped line {number} of {path}, cut by a crash", file=sys.stderr)
             open(path, "w").writelines(kept)
-        return run_dir, open(path, "a")
+        metrics_file = open(path, "a")
     except OSError as e:
         fail(f"cannot write the run folder {run_dir!r} ({e.strerror}); run from a folder you can write to")
-
-
-def check_wandb_login():
-    """--track without a terminal: wandb cannot ask for its API key, so check it before training starts."""
-    import wandb
-
-    if os.environ.get("WANDB_MODE") not in ("offline", "disabled") and not sys.stdin.isatty():
-        if not wandb.login(prompt=False, verify=False):
-            fail("--track needs a W&B login: run `wandb login` once, or log offline with WANDB_MODE=offline")
-
-
-def make_logger(args: Args, run_dir: str, metrics_file) -> Callable:
-    """log(metrics): one line of metrics.jsonl and, with --track, one step of the W&B run (resumed with the run)."""
     if args.track:
-        import wandb
-
         name = os.path.basename(run_dir)
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=name, id=name,
                    resume="allow", dir=run_dir, save_code=True)  # fmt: skip
@@ -489,7 +474,7 @@ def make_logger(args: Args, run_dir: str, metrics_file) -> Callable:
         if args.track:
             wandb.log(metrics, step=metrics["global_step"])
 
-    return log
+    return run_dir, os.path.join(run_dir, safe_name(args.exp_name) + ".pt"), log
 
 
 def with_video(make: Callable, run_dir: str) -> Callable:
@@ -506,9 +491,8 @@ def progress_line(step: int, total: int, steps_per_second: float, episodes: str)
 
 
 class Interrupts:
-    """Ctrl-C and SIGTERM raise KeyboardInterrupt(signal number), which stop() handles; inside `with interrupts:` they
-    wait for the end of the block. (Blocking them with pthread_sigmask would not: the OS may hand a signal to another
-    thread, and Python still acts on it at once.)"""
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt(signal number), which stop() handles; inside `with interrupts:` only
+    at the end of the block. (pthread_sigmask would not hold them back: the OS may hand a signal to another thread.)"""
 
     def __init__(self):
         self.deferring, self.pending = False, None
@@ -537,7 +521,7 @@ def stop(reason: BaseException, global_step: int, checkpoint: dict | None, path:
         argv = [a for a, previous in zip(sys.argv, ["", *sys.argv]) if "--resume" not in (a.split("=")[0], previous)]
         resume = shlex.join(["python", *argv, "--resume", path])  # this command, resuming from the checkpoint
         saved = f"saved global_step={checkpoint['global_step']} to {path}; resume with: {resume}"
-    if isinstance(reason, NonFiniteError):
+    if isinstance(reason, FloatingPointError):
         print(f"error: {reason} at global_step={global_step}; stopping, {saved}", file=sys.stderr)
         sys.exit(1)
     print(f"interrupted at global_step={global_step}: {saved}", flush=True)
@@ -574,17 +558,13 @@ def evaluate(actors, agents: list[str], envs: gym.vector.VectorEnv, seeds: list[
     return returns
 
 
-class NonFiniteError(Exception):
-    pass
-
-
 def check_finite(metrics: dict, networks: dict):
-    """Raise NonFiniteError naming the first NaN/inf metric or network parameter."""
+    """Raise FloatingPointError naming the first NaN/inf metric or network parameter."""
     bad = [f"{name} is {value}" for name, value in metrics.items() if not math.isfinite(value)]
     bad += [f"{name} parameter {param_name} is nan or inf" for name, network in networks.items()
             for param_name, param in network.named_parameters() if not torch.isfinite(param).all()]  # fmt: skip
     if bad:
-        raise NonFiniteError(bad[0])
+        raise FloatingPointError(bad[0])
 
 
 if __name__ == "__main__":
@@ -592,10 +572,6 @@ if __name__ == "__main__":
     args.batch_size = args.num_envs * args.num_steps
     args.num_iterations = args.total_timesteps // max(args.batch_size, 1)
     validate_args(args)
-    checkpoint_to_load = args.resume or args.eval_checkpoint
-    checkpoint = load_checkpoint(checkpoint_to_load, args) if checkpoint_to_load else None
-    if args.track:
-        check_wandb_login()
 
     # seeding
     random.seed(args.seed)
@@ -633,15 +609,8 @@ if __name__ == "__main__":
 
     # ----- boilerplate a researcher may skip: resume, run folder, logging, evaluation -----
     parts = dict(actors=actors, critic=critic, critic_optimizer=critic_optimizer, value_norm=value_norm)
-    global_step, iteration = 0, 0
-    if args.resume:
-        global_step, iteration = restore(checkpoint, parts, rng)
-        print(f"resumed from {args.resume} at global_step={global_step}")
-    elif args.eval_checkpoint:
-        global_step, iteration = restore(checkpoint, dict(actors=actors), rng=None)
-    run_dir, metrics_file = start_run(args, f"{args.env_id}__{args.exp_name}__{args.seed}", global_step)
-    checkpoint_path = os.path.join(run_dir, safe_name(args.exp_name) + ".pt")
-    log = make_logger(args, run_dir, metrics_file)
+    global_step, iteration = restore(args, parts if args.resume else dict(actors=actors), rng)
+    run_dir, checkpoint_path, log = start_run(args, f"{args.env_id}__{args.exp_name}__{args.seed}", global_step)
     total = args.num_iterations * args.batch_size
     print(f"run folder {run_dir}: {total:,} steps, on {device} with {torch.get_num_threads()} torch thread(s)")
 
@@ -786,14 +755,13 @@ if __name__ == "__main__":
                     last_good_checkpoint = snapshot(parts, global_step, iteration, rng, args)
                     if iteration % args.save_interval == 0 or iteration == args.num_iterations:
                         save_checkpoint(last_good_checkpoint, checkpoint_path)
-    except (KeyboardInterrupt, NonFiniteError) as reason:
+    except (KeyboardInterrupt, FloatingPointError) as reason:
         stop(reason, global_step, last_good_checkpoint, checkpoint_path)
     envs.close()
 
     if args.save_model:
         print(f"model saved to {checkpoint_path}")
         evaluate_and_log()
-    metrics_file.close()
     if args.track:
         import wandb
 

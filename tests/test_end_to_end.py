@@ -191,8 +191,8 @@ BAD_ARGUMENTS = [
     (["--gamma", "1.5"], ["--gamma", "(0, 1]"]),
     (["--num-envs", "2", "--num-steps", "25", "--total-timesteps", "10"], ["--total-timesteps 10", "50"]),
     (["--exp-name", "a/b"], ["--exp-name", "'a/b'"]),
-    (["--resume", "missing.pt"], ["missing.pt", "does not exist"]),
-    (["--eval-checkpoint", "missing.pt"], ["missing.pt", "does not exist"]),
+    (["--resume", "missing.pt"], ["missing.pt", "No such file"]),
+    (["--eval-checkpoint", "missing.pt"], ["missing.pt", "No such file"]),
     (["--num-envs", "1", "--num-steps", "1"], ["--num-envs x --num-steps", "2 or more", "got 1"]),  # std of 1 sample
 ]  # fmt: skip
 

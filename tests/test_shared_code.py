@@ -60,7 +60,7 @@ def test_the_scripts_share_their_harness():
     )
     assert {"compute_gae", "Actor", "Critic", "ValueNorm", "critic_update", "start_run", "stop"} <= set(SHARED)
     assert {"validate_args[mpe]", "make_env[mamujoco]", "hatrpo_update", "happo_update"} <= set(SHARED)
-    assert {"conjugate_gradient", "fisher_vector_product", "compute_gae", "load_checkpoint"} <= {
+    assert {"conjugate_gradient", "fisher_vector_product", "compute_gae", "restore"} <= {
         name for name, scripts in SHARED.items() if "matrpo_admm.py" in scripts
     }
 
@@ -137,13 +137,24 @@ def critic_update_outputs(m) -> tuple:
 
 
 def checkpoint_outputs(m, tmp_path) -> tuple:
-    args, path = make_args(m, hidden_sizes=(8,)), str(tmp_path / "checkpoint.pt")  # an architecture arg of every script
-    m.save_checkpoint({"args": vars(args), "weights": x(3)}, path)
-    loaded = m.load_checkpoint(path, args)
-    mismatch = exit_of(m.load_checkpoint, path, make_args(m, hidden_sizes=(9,)))
+    """restore reads back what save_checkpoint wrote (--eval-checkpoint: the parts given, not the generators), and
+    refuses another architecture and an unreadable file with one line and exit 2."""
+    path = str(tmp_path / "checkpoint.pt")
+    args = make_args(m, hidden_sizes=(8,), eval_checkpoint=path)  # hidden_sizes: an architecture arg of every script
+    saved = m.snapshot({"net": seeded(lambda: nn.Linear(3, 2))}, global_step=300, iteration=3,
+                       rng=np.random.default_rng(5), args=args)  # fmt: skip
+    m.save_checkpoint(saved, path)
+    net, rng = seeded(lambda: nn.Linear(3, 2), seed=1), np.random.default_rng(0)
+    steps = m.restore(args, {"net": net}, rng)
+    mismatch = exit_of(m.restore, make_args(m, hidden_sizes=(9,), eval_checkpoint=path), {"net": net}, rng)
     unreadable = tmp_path / "not_a_checkpoint.pt"
     unreadable.write_text("text")
-    return loaded["weights"], mismatch, exit_of(m.load_checkpoint, str(unreadable), args)
+    unreadable_exit = exit_of(m.restore, make_args(m, eval_checkpoint=str(unreadable)), {"net": net}, rng)
+    assert (
+        steps == (300, 3) and torch.equal(net.weight, saved["net"]["weight"]) and mismatch[0] == unreadable_exit[0] == 2
+    )
+    assert rng.random() == np.random.default_rng(0).random()  # not the saved generator: only --resume restores it
+    return steps, net.state_dict(), mismatch, unreadable_exit
 
 
 def evaluate_outputs(m) -> np.ndarray:
@@ -184,7 +195,7 @@ def check_finite_outputs(m) -> list:
         broken.weight[0, 0] = math.nan
     results = [m.check_finite({"a": 1.0}, {"net": nn.Linear(2, 2)})]  # None: nothing to report
     for metrics, networks in [({"a": 1.0, "b": math.inf}, {}), ({"a": 1.0}, {"agent1": broken})]:
-        with pytest.raises(m.NonFiniteError) as error:
+        with pytest.raises(FloatingPointError) as error:
             m.check_finite(metrics, networks)
         results.append(str(error.value))
     return results
@@ -229,21 +240,30 @@ def happo_update_outputs(m) -> tuple:
 
 
 def start_run_outputs(m, tmp_path) -> tuple:
-    """A resumed run keeps the metrics lines up to its checkpoint's step and drops a line cut by a crash; args.json
-    holds the args, the command and the notes."""
+    """A resumed run keeps the metrics lines up to its checkpoint's step and drops a line cut by a crash, then log
+    appends; args.json holds the args, the command and the notes; the checkpoint's name is shell-safe."""
     run_dir = tmp_path / "run"
     run_dir.mkdir(exist_ok=True)
     (run_dir / "metrics.jsonl").write_text('{"global_step": 50}\n{"global_step": 100}\n{"global_step": 150}\n{"glo')
-    stderr, args = io.StringIO(), make_args(m, resume=str(run_dir / "a.pt"))
+    stderr, args = io.StringIO(), make_args(m, resume=str(run_dir / "a.pt"), exp_name="my|run")
     with contextlib.redirect_stderr(stderr):
-        folder, metrics_file = m.start_run(args, label="unused on resume", global_step=100, note="kept")
-    metrics_file.close()
+        folder, checkpoint_path, log = m.start_run(args, label="unused on resume", global_step=100, note="kept")
+    log({"global_step": 200, "charts/SPS": 2.5})
     record = json.loads((run_dir / "args.json").read_text())
     assert {k: v for k, v in record.items() if k not in ("command", "note")} == json.loads(json.dumps(vars(args)))
-    return folder == str(run_dir), (run_dir / "metrics.jsonl").read_text(), record["note"], stderr.getvalue()
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    assert metrics == '{"global_step": 50}\n{"global_step": 100}\n{"global_step": 200, "charts/SPS": 2.5}\n'
+    assert "dropped line 4" in stderr.getvalue()
+    return (
+        folder == str(run_dir),
+        checkpoint_path == str(run_dir / "my_run.pt"),
+        metrics,
+        record["note"],
+        stderr.getvalue(),
+    )
 
 
-def snapshot_and_restore_outputs(m) -> list:
+def snapshot_and_restore_outputs(m, tmp_path) -> list:
     """A snapshot holds copies (later training does not change it); restore puts every part and the generators back."""
     net, nets = (
         seeded(lambda: nn.Linear(3, 2)),
@@ -253,30 +273,18 @@ def snapshot_and_restore_outputs(m) -> list:
     net(x(4, 3)).sum().backward()
     optimizer.step()
     parts = dict(net=net, nets=nets, optimizer=optimizer)
-    saved = m.snapshot(parts, global_step=300, iteration=3, rng=rng, args=m.Args())
+    path = str(tmp_path / "snapshot.pt")
+    saved = m.snapshot(parts, global_step=300, iteration=3, rng=rng, args=m.Args(resume=path))
+    m.save_checkpoint(saved, path)
     before = [p.detach().clone() for p in net.parameters()], rng.random(), torch.rand(2)
     with torch.no_grad():
         for p in [*net.parameters(), *nets[1].parameters()]:
             p.add_(1.0)
-    steps = m.restore(saved, parts, rng)
+    with contextlib.redirect_stdout(io.StringIO()):  # "resumed from ..."
+        steps = m.restore(m.Args(resume=path), parts, rng)
     after = [p.detach().clone() for p in net.parameters()], rng.random(), torch.rand(2)
-    assert saved["script"] == m.__name__ + ".py" and saved["args"] == vars(m.Args())
+    assert saved["script"] == m.__name__ + ".py" and saved["args"] == vars(m.Args(resume=path))
     return [steps, before, after, nets[1].state_dict(), optimizer.state_dict()["state"][0]["exp_avg"]]
-
-
-def make_logger_outputs(m, tmp_path) -> str:
-    with open(tmp_path / "metrics.jsonl", "w") as metrics_file:
-        log = m.make_logger(m.Args(track=False), run_dir=str(tmp_path), metrics_file=metrics_file)
-        log({"global_step": 4, "charts/SPS": 2.5})
-        log({"global_step": 8, "eval/episodic_return": -1.0})
-    return (tmp_path / "metrics.jsonl").read_text()
-
-
-def check_wandb_login_outputs(m):
-    """None: with WANDB_MODE=offline no login is needed."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("WANDB_MODE", "offline")
-        return m.check_wandb_login()
 
 
 def interrupts_outputs(m) -> list:
@@ -320,7 +328,7 @@ def stop_outputs(m, tmp_path) -> list:
     """A NaN: exit 1 with one error line; Ctrl-C/SIGTERM: the last good checkpoint saved, exit 128 + signal, and the
     command that resumes from it (an earlier --resume replaced, in both its forms)."""
     path, argv, stdout = str(tmp_path / "r|1.pt"), sys.argv, io.StringIO()
-    results = [exit_of(m.stop, m.NonFiniteError("agent0/policy_loss is nan"), 100, None, path)]
+    results = [exit_of(m.stop, FloatingPointError("agent0/policy_loss is nan"), 100, None, path)]
     try:
         sys.argv = ["a.py", "--resume", "old.pt", "--seed", "2", "--resume=x y.pt"]
         with contextlib.redirect_stdout(stdout):
@@ -391,23 +399,19 @@ BEHAVIOUR = {
     "minibatches": lambda m, tmp_path: m.minibatches(np.random.default_rng(0), batch_size=12, num_minibatches=3),
     "critic_update": lambda m, tmp_path: critic_update_outputs(m),
     "save_checkpoint": checkpoint_outputs,
-    "load_checkpoint": checkpoint_outputs,
     "env_action": lambda m, tmp_path: env_action_outputs(m),
     "env_seeds": lambda m, tmp_path: [
         m.env_seeds(seed=7, num_envs=3, purpose=p, step=s) for p, s in [(0, 0), (0, 800), (1, 0)]
     ],
     "evaluate": lambda m, tmp_path: evaluate_outputs(m),
     "apply_tuned_values": lambda m, tmp_path: tuned_values_outputs(m),
-    "NonFiniteError": lambda m, tmp_path: check_finite_outputs(m),
     "check_finite": lambda m, tmp_path: check_finite_outputs(m),
     "safe_name": lambda m, tmp_path: m.safe_name("Humanoid-9|8__happo_mamujoco__1__17 x"),
     "start_run": start_run_outputs,
-    "check_wandb_login": lambda m, tmp_path: check_wandb_login_outputs(m),
     "progress_line": lambda m, tmp_path: m.progress_line(step=3000, total=10_000, steps_per_second=1.5, episodes="-"),
     "Interrupts": lambda m, tmp_path: interrupts_outputs(m),
-    "restore": lambda m, tmp_path: snapshot_and_restore_outputs(m),
-    "snapshot": lambda m, tmp_path: snapshot_and_restore_outputs(m),
-    "make_logger": make_logger_outputs,
+    "restore": snapshot_and_restore_outputs,
+    "snapshot": snapshot_and_restore_outputs,
     "with_video": lambda m, tmp_path: (
         type(
             m.with_video(
