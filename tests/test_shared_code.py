@@ -367,7 +367,7 @@ HUMANOID_ACTIONS = [(np.full(9, 0.1 * j, np.float32), np.full(8, -0.1 * j, np.fl
 SPREAD_ACTIONS = [(0, 1, 2), (3, 4, 0), (1, 1, 1)]
 LISTENER_ACTIONS = [(np.full(3, 0.2, np.float32), np.linspace(0, 1, 5, dtype=np.float32))] * 3
 BAD_ARGS = [{"env_id": "nope"}, {"num_envs": 0}, {"hidden_sizes": ()}, {"gamma": 2.0}, {"total_timesteps": 10},
-            {"exp_name": "a/b"}, {"resume": "missing.pt"}]  # fmt: skip
+            {"exp_name": "a/b"}, {"resume": "a.pt", "eval_checkpoint": "b.pt"}]  # fmt: skip
 
 BEHAVIOUR = {
     "fail": lambda m, tmp_path: exit_of(m.fail, "a message"),
