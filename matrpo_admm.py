@@ -139,8 +139,8 @@ class MPEPrivateEnv(gym.Env):
     def __init__(self, num_agents: int, max_cycles: int, render_mode: str | None = None):
         module = importlib.import_module("mpe2.simple_spread_v3")
         self.mpe_env = module.raw_env(N=num_agents, local_ratio=1.0, max_cycles=max_cycles, render_mode=render_mode)
-        self.agents = self.mpe_env.possible_agents
-        self.render_mode = render_mode
+        self.agents, self.render_mode = self.mpe_env.possible_agents, render_mode
+        self.render, self.close = self.mpe_env.render, self.mpe_env.close  # mpe2's frames; close ends its window
         # observation: velocity 2, position 2, landmarks 2n, other agents 2(n-1), then communication 2(n-1)
         self.obs_size = 4 + 2 * num_agents + 2 * (num_agents - 1)
         box = gym.spaces.Box(-np.inf, np.inf, (self.obs_size,), np.float32)
@@ -164,12 +164,6 @@ class MPEPrivateEnv(gym.Env):
         terminated = any(self.mpe_env.terminations.values())
         truncated = any(self.mpe_env.truncations.values()) and not terminated
         return self._observe(), float(private.sum()), terminated, truncated, {"private_rewards": private}
-
-    def render(self):
-        return self.mpe_env.render()
-
-    def close(self):
-        self.mpe_env.close()
 
 
 def step_private_rewards(infos: dict, done: np.ndarray) -> np.ndarray:
@@ -219,8 +213,7 @@ class JointPolicy(nn.Module):
         return (self.heads(self.trunk(obs)).unflatten(-1, (self.num_heads, self.num_actions)),)
 
     def distribution_from(self, params: tuple):
-        # Independent: the joint log-prob, entropy and KL sum over the heads
-        return Independent(Categorical(logits=params[0]), 1)
+        return Independent(Categorical(logits=params[0]), 1)  # the joint log-prob, entropy and KL sum over the heads
 
     def distribution(self, obs: torch.Tensor):
         return self.distribution_from(self(obs))
@@ -257,9 +250,8 @@ def compute_gae(rewards, values, next_values, terminations, dones, gamma: float,
 def normalize_advantages(advantages: torch.Tensor, how: str) -> torch.Tensor:
     """advantages: (samples, policies). pooled: one mean and std over all policies' advantages (two scalars the agents
     could agree on by average consensus, as the authors' code); local: each policy's own."""
-    if how == "pooled":
-        return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-    return (advantages - advantages.mean(0)) / (advantages.std(0) + 1e-8)
+    dim = None if how == "pooled" else 0
+    return (advantages - advantages.mean(dim)) / (advantages.std(dim) + 1e-8)
 
 
 def conjugate_gradient(matrix_vector_product: Callable, b: torch.Tensor, iters: int, residual_tol: float = 1e-10):
@@ -304,10 +296,9 @@ def fisher_vector_product(actor, obs, damping: float) -> Callable:
 
 
 class LocalModel:
-    """Agent i's local problem around theta_old on its own batch (observations, actions of the heads, advantages): the
-    log-ratio matrix l(theta) (N samples x heads), l[t, k] = log pi_k(a^k_t | o_t; theta) - log pi_k(a^k_t | o_t;
-    theta_old), the products J v and J^T u of its Jacobian J = dl/dtheta at theta_old (J itself is never formed), the
-    Fisher-vector product, and what the agent carries from one ADMM activation to the next."""
+    """Agent i's local problem at theta_old on its own batch (obs, its heads' actions, advantages): the log-ratios
+    l[t, k] = log pi_k(a^k_t | o_t; theta) - log pi_k(a^k_t | o_t; theta_old) (N samples x heads), the products J v and
+    J^T u of J = dl/dtheta at theta_old (J is never formed), the Fisher product, and its state between activations."""
 
     def __init__(self, policy: JointPolicy, obs, actions, advantages, args: Args):
         self.policy, self.obs, self.actions, self.advantages = policy, obs, actions, advantages
@@ -354,10 +345,9 @@ def local_lagrangian(log_ratios, advantages, coupling, rho_degree: float) -> tor
 
 def linearized_x_update(model: LocalModel, coupling, rho_degree: float, args: Args) -> tuple:
     """`--x-update linearized` (the authors' code), from theta_old: b = (1/N) J^T vec(C) with C = A 1^T - D, the
-    natural-gradient step s = (F + damping I)^{-1} b scaled to the KL bound, x = sqrt(2 delta / b^T s) s, then a
-    backtracking line search that accepts the first fraction with mean KL <= 1.5 delta whose local augmented
-    Lagrangian is not below theta_old's. Returns the accepted parameters and their log-ratio matrix, or None and None,
-    and the number of fractions rejected."""
+    natural-gradient step s = (F + damping I)^{-1} b scaled to the KL bound, x = sqrt(2 delta / b^T s) s, then a line
+    search for the first fraction with mean KL <= 1.5 delta and local augmented Lagrangian not below theta_old's.
+    Returns its parameters and log-ratio matrix (None, None if none) and the number of fractions rejected."""
     advantages, delta = model.advantages, args.kl_threshold
     C = advantages[:, None] - coupling
     b = model.J_transpose(C / len(advantages))
@@ -376,16 +366,16 @@ def linearized_x_update(model: LocalModel, coupling, rho_degree: float, args: Ar
     return None, None, args.ls_steps
 
 
-def prox_x_update(C, x_prev, l_prev, J_transpose: Callable, fisher_product: Callable, solve: Callable,
-                  rho: float, degree: int, kl_threshold: float):  # fmt: skip
+def prox_x_update(model: LocalModel, coupling, rho_degree: float, args: Args) -> torch.Tensor:
     """`--x-update prox`: c = (1/N) J^T vec(C - rho d l^k) + rho d H x^k, s = H^{-1} c,
     x = min(1 / (rho d), sqrt(2 delta / c^T s)) s, with x^k the previous step and l^k = J x^k. The quadratic
     (rho d / 2N) |J x|^2 is replaced by its linearisation at x^k plus the proximal term (rho d / 2) |x - x^k|_H^2, so
     the step is exact ADMM on the linearised problem when H dominates J^T J / N."""
-    c = J_transpose(C - rho * degree * l_prev) / C.shape[0] + rho * degree * fisher_product(x_prev)
-    s = solve(c)
+    C_shifted = model.advantages[:, None] - coupling - rho_degree * model.kept_log_ratios  # C - rho d l^k
+    c = model.J_transpose(C_shifted) / len(C_shifted) + rho_degree * model.fisher_product(model.prox_step)
+    s = model.solve(c)
     c_s = (c @ s).item()
-    return min(1 / (rho * degree), math.sqrt(2 * kl_threshold / c_s) if c_s > 0 else 0.0) * s
+    return min(1 / rho_degree, math.sqrt(2 * args.kl_threshold / c_s) if c_s > 0 else 0.0) * s
 
 
 def policy_step(model: LocalModel, coupling, degree: int, args: Args) -> torch.Tensor:
@@ -393,9 +383,7 @@ def policy_step(model: LocalModel, coupling, degree: int, args: Args) -> torch.T
     sets the policy's parameters and returns its log-ratio matrix l_q. A rejected linearized step changes nothing: the
     agent keeps its last accepted step (theta_old, l = 0 if none), so it does not announce l = 0 to its neighbours."""
     if args.x_update == "prox" and degree > 0:
-        C = model.advantages[:, None] - coupling
-        x = prox_x_update(C, model.prox_step, model.kept_log_ratios, model.J_transpose, model.fisher_product,
-                          model.solve, args.admm_rho, degree, args.kl_threshold)  # fmt: skip
+        x = prox_x_update(model, coupling, args.admm_rho * degree, args)
         vector_to_parameters(model.theta_old + x, model.policy.parameters())
         model.prox_step, model.kept_log_ratios = x, model.J(x).detach()
     else:
@@ -408,19 +396,16 @@ def policy_step(model: LocalModel, coupling, degree: int, args: Args) -> torch.T
 
 
 def edge_update(lam_i, lam_j, l_i, l_j, rho: float) -> tuple:
-    """The closed-form estimator and dual update on the active edge e = (i, j), w_ei = +1, w_ej = -1: the minimiser of
-    the edge's augmented Lagrangian over z_ei + z_ej = 0, then the dual step. Returns z_ei, z_ej and the common new
-    dual v_e of both endpoints."""
+    """The update of the active edge e = (i, j), w_ei = +1, w_ej = -1: z_ei, z_ej minimise the edge's augmented
+    Lagrangian over z_ei + z_ej = 0, then the dual step gives both endpoints the same new dual v_e."""
     v = (lam_i + lam_j) / 2 + (rho / 2) * (l_i - l_j)
     return l_i + (lam_i - v) / rho, -l_j + (lam_j - v) / rho, v
 
 
 def admm_consensus(policy_steps: list[Callable], zero: torch.Tensor, edges, args: Args, rng) -> tuple[list, dict]:
-    """Asynchronous edge-based ADMM (Wei & Ozdaglar 2013) on the agents' linearised problems: every iteration
-    activates one edge e = (i, j); both endpoints q take a policy step on their local augmented Lagrangian,
-    policy_steps[q](coupling D_q, degree d_q) -> l_q; then they exchange l and lambda over e and update the edge's
-    estimators z and duals. Starts from z = lambda = l = zero, the zero log-ratio matrix (N x n). Returns the final
-    l of each agent and the residuals (the admm/ metrics)."""
+    """Asynchronous edge-based ADMM (Wei & Ozdaglar 2013) on the linearised problems from z = lambda = l = zero (N x n):
+    each iteration activates one edge e = (i, j); both endpoints q take a policy step, policy_steps[q](coupling D_q,
+    degree d_q) -> l_q, then exchange l and lambda over e and update e's estimators z and duals. Returns l, metrics."""
     rho = args.admm_rho
     sign = {(e, q): 1.0 if q == edge[0] else -1.0 for e, edge in enumerate(edges) for q in edge}  # w_eq
     z = {key: torch.zeros_like(zero) for key in sign}  # estimators z_eq of w_eq l_q, with z_ei + z_ej = 0
@@ -452,8 +437,7 @@ def admm_consensus(policy_steps: list[Callable], zero: torch.Tensor, edges, args
 
 
 def fit_critic(critic, optimizer, obs, returns, args: Args, rng: np.random.Generator) -> float:
-    """Fit V to the returns by mean squared error on shuffled minibatches of args.critic_minibatch_size, for
-    args.critic_epochs epochs. Returns the mean loss."""
+    """Fit V to the returns by mean squared error on shuffled minibatches. Returns the mean loss."""
     losses, minibatch_size = [], args.critic_minibatch_size
     for _ in range(args.critic_epochs):
         order = torch.from_numpy(rng.permutation(len(returns)))
@@ -695,8 +679,7 @@ if __name__ == "__main__":
         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
     )
     agents = envs.get_attr("agents")[0]
-    n = len(agents)
-    num_actions = envs.single_action_space[0].n
+    n, num_actions = len(agents), envs.single_action_space[0].n
 
     def make_eval_envs(video: bool) -> gym.vector.SyncVectorEnv:
         """One env per evaluation episode; with video, env 0 films its episode."""
@@ -721,7 +704,6 @@ if __name__ == "__main__":
     ]
     critics = [ValueNetwork(size, args.hidden_sizes).to(device) for size in obs_sizes]
     critic_optimizers = [torch.optim.Adam(c.parameters(), lr=args.critic_learning_rate) for c in critics]
-    edges = ring_edges(n) if args.mode == "admm" else []
 
     # ----- boilerplate a researcher may skip: resume, run folder, logging, evaluation -----
     parts = dict(actors=policies, critics=critics, critic_optimizers=critic_optimizers)  # what a checkpoint holds
@@ -763,8 +745,7 @@ if __name__ == "__main__":
     rewards, values, next_values = (torch.zeros((T, E, num_policies), device=device) for _ in range(3))
     terminations, dones = torch.zeros((T, E), device=device), torch.zeros((T, E), device=device)
 
-    def values_of(observation: dict) -> torch.Tensor:
-        """Each policy's critic on its own part of the observation: shape (..., policies)."""
+    def values_of(observation: dict) -> torch.Tensor:  # each policy's critic on its own part: (..., policies)
         return torch.stack([c(torch.as_tensor(observation[k], device=device)) for c, k in zip(critics, obs_keys)], -1)
 
     # start the game
@@ -793,9 +774,8 @@ if __name__ == "__main__":
                     rewards[step] = private.sum(-1, keepdim=True) if args.mode == "centralized" else private
                     terminations[step] = torch.as_tensor(terminated, device=device)
                     dones[step] = torch.as_tensor(done, device=device)
-                    next_value = values_of(next_obs)
                     # V(s_{t+1}) of the true next state: where an episode ended, its final state, not the reset one
-                    next_values[step] = next_value
+                    next_values[step] = next_value = values_of(next_obs)
                     for j in np.flatnonzero(done):
                         next_values[step, j] = values_of(infos["final_obs"][j])
 
@@ -824,7 +804,7 @@ if __name__ == "__main__":
             ]
             if args.mode == "admm":
                 steps = [partial(policy_step, model, args=args) for model in models]
-                _, metrics = admm_consensus(steps, torch.zeros(args.batch_size, n, device=device), edges, args, rng)
+                _, metrics = admm_consensus(steps, torch.zeros_like(models[0].logp_old), ring_edges(n), args, rng)
             else:  # the baselines: one TRPO step per policy
                 metrics = {}
                 for model in models:

@@ -6,6 +6,7 @@ then every mode end to end."""
 import itertools
 import json
 import math
+from types import SimpleNamespace
 
 import gymnasium as gym
 import numpy as np
@@ -140,18 +141,21 @@ def test_prox_admm_reaches_consensus_and_the_centralised_optimum(num_agents, edg
     A = [torch.randn(N, dtype=torch.float64) for _ in range(num_agents)]
     x = [torch.zeros(k + private, dtype=torch.float64) for _ in range(num_agents)]
 
+    args = matrpo.Args(admm_rho=rho, admm_iters=1500 * num_agents, edge_order=edge_order, kl_threshold=delta)
+
     def policy_step(q, coupling, degree):
-        C = A[q][:, None] - coupling  # A 1^T - D
-        J_transpose, solve = lambda u: J[q].T @ u.reshape(-1), lambda c: torch.linalg.solve(H[q], c)  # noqa: E731
-        x[q] = matrpo.prox_x_update(C, x[q], (J[q] @ x[q]).view(shape), J_transpose, lambda v: H[q] @ v, solve, rho,
-                                    degree, delta)  # fmt: skip
+        # what prox_x_update reads of agent q's LocalModel (C = A 1^T - D), with the explicit matrices of this instance
+        model = SimpleNamespace(advantages=A[q], prox_step=x[q], kept_log_ratios=(J[q] @ x[q]).view(shape),
+                                J_transpose=lambda u: J[q].T @ u.reshape(-1), fisher_product=lambda v: H[q] @ v,
+                                solve=lambda c: torch.linalg.solve(H[q], c))  # fmt: skip
+        x[q] = matrpo.prox_x_update(model, coupling, rho * degree, args)
         return (J[q] @ x[q]).view(shape)
 
     ls, residuals = matrpo.admm_consensus(
         [lambda D, degree, q=q: policy_step(q, D, degree) for q in range(num_agents)],
         torch.zeros(shape, dtype=torch.float64),
         matrpo.ring_edges(num_agents),
-        matrpo.Args(admm_rho=rho, admm_iters=1500 * num_agents, edge_order=edge_order),
+        args,
         np.random.default_rng(0),
     )
     assert max((a - b).abs().max().item() for a, b in itertools.combinations(ls, 2)) < 1e-8  # consensus
