@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import gymnasium as gym
 import numpy as np
@@ -53,18 +54,14 @@ class Args:
     num_envs: int = 10  # the number of parallel environments
     num_steps: int = 1000  # the number of steps per environment per rollout
 
-    # Algorithm
+    # Algorithm (the admm_*, edge_order and x_update settings apply to --mode admm only)
     mode: str = "admm"  # admm (MATRPO), independent (TRPO per agent, own reward and action), centralized (one policy)
     kl_threshold: float = 0.003  # delta: the bound on each agent's mean KL(pi_old || pi_new) per policy iteration
     admm_rho: float = 1.0  # rho: the penalty of the augmented Lagrangian
     admm_iters: int = 100  # edge activations per policy iteration
     edge_order: str = "random"  # which edge each ADMM iteration activates: random (uniformly) or round-robin
-    x_update: str = "linearized"
-    """the ADMM policy step: linearized (the authors' code, a TRPO step on the local augmented Lagrangian) or prox
-    (the baselines always take TRPO's step; they also ignore the admm_* and edge_order settings)"""
-    advantage_norm: str | None = None
-    """pooled: one mean and std over all agents' advantages (the authors' MATRPO); local: each agent its own (the
-    authors' TRPO baseline); None: local for --mode independent, pooled otherwise"""
+    x_update: str = "linearized"  # ADMM's policy step: linearized (the authors', a line-searched TRPO step) or prox
+    advantage_norm: str | None = None  # pooled over all agents (MATRPO) or local (TRPO); None: local if independent
     gamma: float = 0.995  # the discount factor gamma
     gae_lambda: float = 0.95  # the lambda of generalised advantage estimation
     hidden_sizes: tuple[int, ...] = (128, 128)  # hidden layer sizes of the policies and the critics (SELU)
@@ -75,8 +72,7 @@ class Args:
     fisher_subsample: int = 5  # Fisher-vector products on every fisher_subsample-th step of each env (the authors' 5)
     critic_learning_rate: float = 3e-4  # Adam learning rate of the critics
     critic_epochs: int = 3  # epochs of the critic update
-    critic_minibatch_size: int = 64
-    """samples per critic minibatch (reshuffled each epoch; a last partial one is dropped)"""
+    critic_minibatch_size: int = 64  # samples per critic minibatch (reshuffled each epoch; a last partial one dropped)
 
     # Computed at run time (not command-line options)
     batch_size: tyro.conf.Suppress[int] = 0  # samples per agent per iteration (num_envs * num_steps)
@@ -125,20 +121,18 @@ def validate_args(args: Args):
 # ----------------------------------------------------------------------------------------------------------------------
 # Environment: the paper's Cooperative Navigation with private rewards
 class MPEPrivateEnv(gym.Env):
-    """mpe2's simple_spread with private rewards, as a gymnasium.Env: observation Dict of the global state and each
-    agent's observation (the always-zero communication part dropped); action Tuple of Discrete(5); reward the team
-    reward (sum of the private ones), the private rewards r^i in info["private_rewards"].
-
-    With local_ratio=1 mpe2 gives each agent only its own collision penalty; the landmark term (minus the sum over
-    landmarks of the closest agent's distance) goes to agent 0 alone, so the others never see it in their reward."""
+    """mpe2's simple_spread as a gymnasium.Env: observation Dict of the global state and each agent's observation (the
+    always-zero communication part dropped); action Tuple of Discrete(5); reward the team reward, the sum of the private
+    rewards r^i in info["private_rewards"]: with local_ratio=1 each agent gets its own collision penalty, and agent 0
+    alone the landmark term (minus the sum over landmarks of the closest agent's distance)."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
     def __init__(self, num_agents: int, max_cycles: int, render_mode: str | None = None):
         module = importlib.import_module("mpe2.simple_spread_v3")
         self.mpe_env = module.raw_env(N=num_agents, local_ratio=1.0, max_cycles=max_cycles, render_mode=render_mode)
-        self.agents = self.mpe_env.possible_agents
-        self.render_mode = render_mode
+        self.agents, self.render_mode = self.mpe_env.possible_agents, render_mode
+        self.render, self.close = self.mpe_env.render, self.mpe_env.close  # mpe2's frames; close ends its window
         # observation: velocity 2, position 2, landmarks 2n, other agents 2(n-1), then communication 2(n-1)
         self.obs_size = 4 + 2 * num_agents + 2 * (num_agents - 1)
         box = gym.spaces.Box(-np.inf, np.inf, (self.obs_size,), np.float32)
@@ -163,26 +157,16 @@ class MPEPrivateEnv(gym.Env):
         truncated = any(self.mpe_env.truncations.values()) and not terminated
         return self._observe(), float(private.sum()), terminated, truncated, {"private_rewards": private}
 
-    def render(self):
-        return self.mpe_env.render()
-
-    def close(self):
-        self.mpe_env.close()
-
 
 def step_private_rewards(infos: dict, done: np.ndarray) -> np.ndarray:
     """The private rewards r^i of a vector step (envs x agents). Where an episode ended, the step's info went to
     final_info (gymnasium's same-step autoreset) and infos holds the reset's."""
-    if not done.any():
-        return infos["private_rewards"]
-    return np.where(done[:, None], infos["final_info"]["private_rewards"], infos["private_rewards"])
+    final = infos["final_info"]["private_rewards"] if done.any() else 0.0
+    return np.where(done[:, None], final, infos["private_rewards"])
 
 
-def make_env(num_agents: int, max_cycles: int, render_mode: str | None = None):
-    def thunk():
-        return MPEPrivateEnv(num_agents, max_cycles, render_mode)
-
-    return thunk
+def make_env(num_agents: int, max_cycles: int, render_mode: str | None = None) -> Callable:
+    return lambda: MPEPrivateEnv(num_agents, max_cycles, render_mode)
 
 
 def ring_edges(num_agents: int) -> list[tuple[int, int]]:
@@ -221,8 +205,7 @@ class JointPolicy(nn.Module):
         return (self.heads(self.trunk(obs)).unflatten(-1, (self.num_heads, self.num_actions)),)
 
     def distribution_from(self, params: tuple):
-        # Independent: the joint log-prob, entropy and KL sum over the heads
-        return Independent(Categorical(logits=params[0]), 1)
+        return Independent(Categorical(logits=params[0]), 1)  # the joint log-prob, entropy and KL sum over the heads
 
     def distribution(self, obs: torch.Tensor):
         return self.distribution_from(self(obs))
@@ -259,9 +242,8 @@ def compute_gae(rewards, values, next_values, terminations, dones, gamma: float,
 def normalize_advantages(advantages: torch.Tensor, how: str) -> torch.Tensor:
     """advantages: (samples, policies). pooled: one mean and std over all policies' advantages (two scalars the agents
     could agree on by average consensus, as the authors' code); local: each policy's own."""
-    if how == "pooled":
-        return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-    return (advantages - advantages.mean(0)) / (advantages.std(0) + 1e-8)
+    dim = None if how == "pooled" else 0
+    return (advantages - advantages.mean(dim)) / (advantages.std(dim) + 1e-8)
 
 
 def conjugate_gradient(matrix_vector_product: Callable, b: torch.Tensor, iters: int, residual_tol: float = 1e-10):
@@ -306,19 +288,26 @@ def fisher_vector_product(actor, obs, damping: float) -> Callable:
 
 
 class LocalModel:
-    """Agent i's policy around theta_old on its own batch: the log-ratio matrix l(theta) (N samples x heads) with
-    l[t, k] = log pi_k(a^k_t | o_t; theta) - log pi_k(a^k_t | o_t; theta_old), the products J v and J^T u of its
-    Jacobian J = dl/dtheta at theta_old, and the Fisher-vector product. J itself is never formed."""
+    """Agent i's local problem at theta_old on its own batch (obs, its heads' actions, advantages): the log-ratios
+    l[t, k] = log pi_k(a^k_t | o_t; theta) - log pi_k(a^k_t | o_t; theta_old) (N samples x heads), the products J v and
+    J^T u of J = dl/dtheta at theta_old (J is never formed), the Fisher product, and its state between activations."""
 
-    def __init__(self, policy: JointPolicy, obs, actions, fisher_obs, damping: float):
-        self.policy, self.obs, self.actions = policy, obs, actions
+    def __init__(self, policy: JointPolicy, obs, actions, advantages, args: Args):
+        self.policy, self.obs, self.actions, self.advantages = policy, obs, actions, advantages
         self.names, self.shapes = zip(*[(name, p.shape) for name, p in policy.named_parameters()])
         self.theta_old = parameters_to_vector(policy.parameters()).detach()
         with torch.no_grad():
             self.dist_old = policy.distribution(obs)
             self.logp_old = self.dist_old.base_dist.log_prob(actions)
         _, self.pullback = vjp(self.log_ratios, self.theta_old)
-        self.fisher_product = fisher_vector_product(policy, fisher_obs, damping)
+        # the Fisher matrix on every fisher_subsample-th step of every env (the batch is (step, env) flattened: a
+        # stride over it could pick only some of the envs, and underestimate the KL)
+        fisher_obs = obs.unflatten(0, (-1, args.num_envs))[:: args.fisher_subsample].flatten(0, 1)
+        self.fisher_product = fisher_vector_product(policy, fisher_obs, args.cg_damping)
+        self.solve = partial(conjugate_gradient, self.fisher_product, iters=args.cg_iters)  # b -> (F + damping I)^-1 b
+        # carried between activations: l at the kept parameters, x^k of the prox update, the line search counts
+        self.kept_log_ratios, self.prox_step = torch.zeros_like(self.logp_old), torch.zeros_like(self.theta_old)
+        self.line_search_steps = []
 
     def distribution(self, theta: torch.Tensor):
         chunks = theta.split([shape.numel() for shape in self.shapes])
@@ -346,107 +335,77 @@ def local_lagrangian(log_ratios, advantages, coupling, rho_degree: float) -> tor
     return surrogate - ((coupling * log_ratios).sum() + rho_degree / 2 * (log_ratios**2).sum()) / len(advantages)
 
 
-def linearized_x_update(
-    model: LocalModel, advantages, coupling, rho_degree: float, kl_threshold, cg_iters, ls_steps, backtrack_coef
-) -> tuple:
+def linearized_x_update(model: LocalModel, coupling, rho_degree: float, args: Args) -> tuple:
     """`--x-update linearized` (the authors' code), from theta_old: b = (1/N) J^T vec(C) with C = A 1^T - D, the
-    natural-gradient step s = (F + damping I)^{-1} b scaled to the KL bound, x = sqrt(2 delta / b^T s) s, then a
-    backtracking line search that accepts the first fraction with mean KL <= 1.5 delta whose local augmented
-    Lagrangian is not below theta_old's. Returns the accepted parameters and their log-ratio matrix, or None and None,
-    and the number of fractions rejected."""
+    natural-gradient step s = (F + damping I)^{-1} b scaled to the KL bound, x = sqrt(2 delta / b^T s) s, then a line
+    search for the first fraction with mean KL <= 1.5 delta and local augmented Lagrangian not below theta_old's.
+    Returns its parameters and log-ratio matrix (None, None if none) and the number of fractions rejected."""
+    advantages, delta = model.advantages, args.kl_threshold
     C = advantages[:, None] - coupling
     b = model.J_transpose(C / len(advantages))
-    s = conjugate_gradient(model.fisher_product, b, cg_iters)
+    s = model.solve(b)
     b_s = b @ s
-    full_step = s * torch.sqrt(2 * kl_threshold / b_s) if b_s > 0 else torch.zeros_like(s)
+    full_step = s * torch.sqrt(2 * delta / b_s) if b_s > 0 else torch.zeros_like(s)
     with torch.no_grad():
         lagrangian_old = local_lagrangian(torch.zeros_like(C), advantages, coupling, rho_degree)
-        for steps in range(ls_steps):
-            theta = model.theta_old + backtrack_coef**steps * full_step
+        for steps in range(args.ls_steps):
+            theta = model.theta_old + args.backtrack_coef**steps * full_step
             dist = model.distribution(theta)
             log_ratios = model.log_ratios_of(dist)
             kl = kl_divergence(model.dist_old, dist).mean()
-            lagrangian = local_lagrangian(log_ratios, advantages, coupling, rho_degree)
-            if kl <= 1.5 * kl_threshold and lagrangian >= lagrangian_old:
+            if kl <= 1.5 * delta and local_lagrangian(log_ratios, advantages, coupling, rho_degree) >= lagrangian_old:
                 return theta, log_ratios, steps
-    return None, None, ls_steps
+    return None, None, args.ls_steps
 
 
-def prox_x_update(C, x_prev, l_prev, J_transpose: Callable, fisher_product: Callable, solve: Callable,
-                  rho: float, degree: int, kl_threshold: float):  # fmt: skip
+def prox_x_update(model: LocalModel, coupling, rho_degree: float, args: Args) -> torch.Tensor:
     """`--x-update prox`: c = (1/N) J^T vec(C - rho d l^k) + rho d H x^k, s = H^{-1} c,
     x = min(1 / (rho d), sqrt(2 delta / c^T s)) s, with x^k the previous step and l^k = J x^k. The quadratic
     (rho d / 2N) |J x|^2 is replaced by its linearisation at x^k plus the proximal term (rho d / 2) |x - x^k|_H^2, so
     the step is exact ADMM on the linearised problem when H dominates J^T J / N."""
-    c = J_transpose(C - rho * degree * l_prev) / C.shape[0] + rho * degree * fisher_product(x_prev)
-    s = solve(c)
+    C_shifted = model.advantages[:, None] - coupling - rho_degree * model.kept_log_ratios  # C - rho d l^k
+    c = model.J_transpose(C_shifted) / len(C_shifted) + rho_degree * model.fisher_product(model.prox_step)
+    s = model.solve(c)
     c_s = (c @ s).item()
-    return min(1 / (rho * degree), math.sqrt(2 * kl_threshold / c_s) if c_s > 0 else 0.0) * s
+    return min(1 / rho_degree, math.sqrt(2 * args.kl_threshold / c_s) if c_s > 0 else 0.0) * s
 
 
-def policy_step(model: LocalModel, advantages, coupling, degree: int, state: dict, args: Args) -> torch.Tensor:
-    """Agent q's policy step in the ADMM loop, given its coupling D_q and degree d_q (the baselines: D = 0, d = 0).
-    Sets the policy's parameters and returns its log-ratio matrix l_q. state holds what the agent carries from one
-    activation to the next: its log-ratios, the prox update's x^k, and its line search counts. A rejected linearized
-    step changes nothing: the agent keeps the parameters and log-ratios of its last accepted step (theta_old, l = 0
-    if none), so it does not announce l = 0 to its neighbours after a failed step."""
-    params = list(model.policy.parameters())
+def policy_step(model: LocalModel, coupling, degree: int, args: Args) -> torch.Tensor:
+    """Agent q's policy step in the ADMM loop, given its coupling D_q and degree d_q (the baselines: D = 0, d = 0):
+    sets the policy's parameters and returns its log-ratio matrix l_q. A rejected linearized step changes nothing: the
+    agent keeps its last accepted step (theta_old, l = 0 if none), so it does not announce l = 0 to its neighbours."""
     if args.x_update == "prox" and degree > 0:
-        x = prox_x_update(
-            advantages[:, None] - coupling,
-            state["prox_step"],
-            state["log_ratios"],
-            model.J_transpose,
-            model.fisher_product,
-            lambda c: conjugate_gradient(model.fisher_product, c, args.cg_iters),
-            args.admm_rho,
-            degree,
-            args.kl_threshold,
-        )
-        vector_to_parameters(model.theta_old + x, params)
-        state["prox_step"], state["log_ratios"] = x, model.J(x).detach()
-        return state["log_ratios"]
-    theta, log_ratios, steps = linearized_x_update(
-        model,
-        advantages,
-        coupling,
-        args.admm_rho * degree,
-        args.kl_threshold,
-        args.cg_iters,
-        args.ls_steps,
-        args.backtrack_coef,
-    )
-    state["line_search_steps"].append(steps)
-    if theta is not None:
-        vector_to_parameters(theta, params)
-        state["log_ratios"] = log_ratios
-    return state["log_ratios"]
+        x = prox_x_update(model, coupling, args.admm_rho * degree, args)
+        vector_to_parameters(model.theta_old + x, model.policy.parameters())
+        model.prox_step, model.kept_log_ratios = x, model.J(x).detach()
+    else:
+        theta, log_ratios, steps = linearized_x_update(model, coupling, args.admm_rho * degree, args)
+        model.line_search_steps.append(steps)
+        if theta is not None:
+            vector_to_parameters(theta, model.policy.parameters())
+            model.kept_log_ratios = log_ratios
+    return model.kept_log_ratios
 
 
 def edge_update(lam_i, lam_j, l_i, l_j, rho: float) -> tuple:
-    """The closed-form estimator and dual update on the active edge e = (i, j), w_ei = +1, w_ej = -1: the minimiser of
-    the edge's augmented Lagrangian over z_ei + z_ej = 0, then the dual step. Returns z_ei, z_ej and the common new
-    dual v_e of both endpoints."""
+    """The update of the active edge e = (i, j), w_ei = +1, w_ej = -1: z_ei, z_ej minimise the edge's augmented
+    Lagrangian over z_ei + z_ej = 0, then the dual step gives both endpoints the same new dual v_e."""
     v = (lam_i + lam_j) / 2 + (rho / 2) * (l_i - l_j)
     return l_i + (lam_i - v) / rho, -l_j + (lam_j - v) / rho, v
 
 
-def admm_consensus(
-    policy_steps: list[Callable], zero: torch.Tensor, edges, rho: float, iters: int, edge_order: str, rng
-) -> dict:
-    """Asynchronous edge-based ADMM (Wei & Ozdaglar 2013) on the agents' linearised problems: every iteration
-    activates one edge e = (i, j); both endpoints q take a policy step on their local augmented Lagrangian,
-    policy_steps[q](coupling D_q, degree d_q) -> l_q; then they exchange l and lambda over e and update the edge's
-    estimators z and duals.
-    Starts from z = lambda = l = zero, the zero log-ratio matrix (N x n). Returns the final l and the residuals."""
-    num_agents = len(policy_steps)
+def admm_consensus(policy_steps: list[Callable], zero: torch.Tensor, edges, args: Args, rng) -> tuple[list, dict]:
+    """Asynchronous edge-based ADMM (Wei & Ozdaglar 2013) on the linearised problems from z = lambda = l = zero (N x n):
+    each iteration activates one edge e = (i, j); both endpoints q take a policy step, policy_steps[q](coupling D_q,
+    degree d_q) -> l_q, then exchange l and lambda over e and update e's estimators z and duals. Returns l, metrics."""
+    rho = args.admm_rho
     sign = {(e, q): 1.0 if q == edge[0] else -1.0 for e, edge in enumerate(edges) for q in edge}  # w_eq
     z = {key: torch.zeros_like(zero) for key in sign}  # estimators z_eq of w_eq l_q, with z_ei + z_ej = 0
     lam = {key: torch.zeros_like(zero) for key in sign}  # duals lambda_eq
     z_change = {key: torch.zeros_like(zero) for key in sign}  # z_eq minus its value before e's last activation
-    log_ratios = [torch.zeros_like(zero) for _ in range(num_agents)]
-    for k in range(iters):
-        e = int(rng.integers(len(edges))) if edge_order == "random" else k % len(edges)
+    log_ratios = [torch.zeros_like(zero) for _ in policy_steps]
+    for k in range(args.admm_iters):
+        e = int(rng.integers(len(edges))) if args.edge_order == "random" else k % len(edges)
         for q in edges[e]:
             incident = [f for f, edge in enumerate(edges) if q in edge]
             coupling = sum(sign[f, q] * (lam[f, q] - rho * z[f, q]) for f in incident)  # D_q
@@ -462,18 +421,17 @@ def admm_consensus(
     def rms(tensors) -> float:
         return math.sqrt(sum((t**2).mean().item() for t in tensors))
 
-    return {
-        "log_ratios": log_ratios,
-        "primal_residual": rms(sign[e, q] * log_ratios[q] - z[e, q] for e, q in sign),  # of w l = z
-        "dual_residual": rho * rms(z_change.values()),
-        "consensus": {edge: ((log_ratios[edge[0]] - log_ratios[edge[1]]) ** 2).mean().item() for edge in edges},
-    }
+    residuals = {"admm/primal_residual": rms(sign[e, q] * log_ratios[q] - z[e, q] for e, q in sign)}  # of w l = z
+    residuals["admm/dual_residual"] = rho * rms(z_change.values())
+    for i, j in edges:
+        residuals[f"admm/consensus_residual_{i}_{j}"] = ((log_ratios[i] - log_ratios[j]) ** 2).mean().item()
+    return log_ratios, residuals
 
 
-def fit_critic(critic, optimizer, obs, returns, epochs: int, minibatch_size: int, rng: np.random.Generator) -> float:
+def fit_critic(critic, optimizer, obs, returns, args: Args, rng: np.random.Generator) -> float:
     """Fit V to the returns by mean squared error on shuffled minibatches. Returns the mean loss."""
-    losses = []
-    for _ in range(epochs):
+    losses, minibatch_size = [], args.critic_minibatch_size
+    for _ in range(args.critic_epochs):
         order = torch.from_numpy(rng.permutation(len(returns)))
         for start in range(0, len(returns) - minibatch_size + 1, minibatch_size):
             mb = order[start : start + minibatch_size]
@@ -696,8 +654,7 @@ if __name__ == "__main__":
         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
     )
     agents = envs.get_attr("agents")[0]
-    n = len(agents)
-    num_actions = envs.single_action_space[0].n
+    n, num_actions = len(agents), envs.single_action_space[0].n
 
     def make_eval_envs(video: bool) -> gym.vector.SyncVectorEnv:
         """One env per evaluation episode; with video, env 0 films its episode."""
@@ -722,7 +679,6 @@ if __name__ == "__main__":
     ]
     critics = [ValueNetwork(size, args.hidden_sizes).to(device) for size in obs_sizes]
     critic_optimizers = [torch.optim.Adam(c.parameters(), lr=args.critic_learning_rate) for c in critics]
-    edges = ring_edges(n) if args.mode == "admm" else []
 
     # ----- boilerplate a researcher may skip: resume, run folder, logging, evaluation -----
     parts = dict(actors=policies, critics=critics, critic_optimizers=critic_optimizers)  # what a checkpoint holds
@@ -757,6 +713,9 @@ if __name__ == "__main__":
     rewards, values, next_values = (torch.zeros((T, E, num_policies), device=device) for _ in range(3))
     terminations, dones = torch.zeros((T, E), device=device), torch.zeros((T, E), device=device)
 
+    def values_of(observation: dict) -> torch.Tensor:  # each policy's critic on its own part: (..., policies)
+        return torch.stack([c(torch.as_tensor(observation[k], device=device)) for c, k in zip(critics, obs_keys)], -1)
+
     # start the game
     next_obs, _ = envs.reset(seed=env_seeds(args.seed, E, purpose=0, step=global_step))
     episode_returns, episode_lengths = np.zeros((E, n)), np.zeros(E, dtype=int)
@@ -769,9 +728,7 @@ if __name__ == "__main__":
             # rollout
             finished_returns, finished_lengths = [], []
             with torch.no_grad():
-                next_value = torch.stack(
-                    [c(torch.as_tensor(next_obs[k], device=device)) for c, k in zip(critics, obs_keys)], -1
-                )
+                next_value = values_of(next_obs)
                 for step in range(T):
                     global_step += E
                     for p, key in enumerate(obs_keys):
@@ -785,15 +742,10 @@ if __name__ == "__main__":
                     rewards[step] = private.sum(-1, keepdim=True) if args.mode == "centralized" else private
                     terminations[step] = torch.as_tensor(terminated, device=device)
                     dones[step] = torch.as_tensor(done, device=device)
-                    next_value = torch.stack(
-                        [c(torch.as_tensor(next_obs[k], device=device)) for c, k in zip(critics, obs_keys)], -1
-                    )
                     # V(s_{t+1}) of the true next state: where an episode ended, its final state, not the reset one
-                    next_values[step] = next_value
+                    next_values[step] = next_value = values_of(next_obs)
                     for j in np.flatnonzero(done):
-                        final = infos["final_obs"][j]
-                        for p, (critic, key) in enumerate(zip(critics, obs_keys)):
-                            next_values[step, j, p] = critic(torch.as_tensor(final[key], device=device))
+                        next_values[step, j] = values_of(infos["final_obs"][j])
 
                     episode_returns += private.cpu().numpy()
                     episode_lengths += 1
@@ -812,96 +764,57 @@ if __name__ == "__main__":
             b_advantages = normalize_advantages(advantages.reshape(-1, num_policies), args.advantage_norm)
             b_returns = returns.reshape(-1, num_policies)
 
-            # policy iteration: each agent linearises its policy at theta_old on its own batch
+            # policy iteration: each agent linearises its policy at theta_old on its own batch, then takes its steps
             update_start = time.time()
-            # the Fisher matrix on every fisher_subsample-th step of every env (a stride over the flat batch could pick
-            # only some of the envs, and underestimate the KL)
-            fisher_obs = [o[:: args.fisher_subsample].reshape(-1, o.shape[-1]) for o in obs]
             models = [
-                LocalModel(policy, b_obs[p], b_actions[:, modelled_agents[p]], fisher_obs[p], args.cg_damping)
+                LocalModel(policy, b_obs[p], b_actions[:, modelled_agents[p]], b_advantages[:, p], args)
                 for p, policy in enumerate(policies)
             ]
-            # what each agent carries between activations: l at its kept parameters, x^k of the prox update
-            states = [
-                {
-                    "log_ratios": torch.zeros_like(model.logp_old),
-                    "prox_step": torch.zeros_like(model.theta_old),
-                    "line_search_steps": [],
-                }
-                for model in models
-            ]
-
-            metrics = {}
             if args.mode == "admm":
-                result = admm_consensus(
-                    [
-                        lambda coupling, degree, p=p: policy_step(
-                            models[p], b_advantages[:, p], coupling, degree, states[p], args
-                        )
-                        for p in range(num_policies)
-                    ],
-                    torch.zeros(args.batch_size, n, device=device),
-                    edges,
-                    args.admm_rho,
-                    args.admm_iters,
-                    args.edge_order,
-                    rng,
-                )
-                metrics["admm/primal_residual"] = result["primal_residual"]
-                metrics["admm/dual_residual"] = result["dual_residual"]
-                for (i, j), residual in result["consensus"].items():
-                    metrics[f"admm/consensus_residual_{i}_{j}"] = residual
+                steps = [partial(policy_step, model, args=args) for model in models]
+                _, metrics = admm_consensus(steps, torch.zeros_like(models[0].logp_old), ring_edges(n), args, rng)
             else:  # the baselines: one TRPO step per policy
-                for p, model in enumerate(models):
-                    policy_step(model, b_advantages[:, p], torch.zeros_like(model.logp_old), 0, states[p], args)
+                metrics = {}
+                for model in models:
+                    policy_step(model, torch.zeros_like(model.logp_old), 0, args)
             update_seconds = time.time() - update_start
 
-            # policy statistics at the parameters each agent kept
-            with torch.no_grad():
-                for p, (model, policy) in enumerate(zip(models, policies)):
-                    dist = policy.distribution(b_obs[p])
+            with torch.no_grad():  # policy statistics at the parameters each agent kept
+                for p, model in enumerate(models):
+                    dist = model.policy.distribution(model.obs)
                     logratio = model.log_ratios_of(dist).sum(1)  # of the joint action
-                    metrics[f"agent{p}/policy_loss"] = -(logratio.exp() * b_advantages[:, p]).mean().item()
+                    metrics[f"agent{p}/policy_loss"] = -(logratio.exp() * model.advantages).mean().item()
                     metrics[f"agent{p}/entropy"] = dist.entropy().mean().item()
                     metrics[f"agent{p}/approx_kl"] = ((logratio.exp() - 1) - logratio).mean().item()
                     metrics[f"agent{p}/kl"] = kl_divergence(model.dist_old, dist).mean().item()
-                    if states[p]["line_search_steps"]:
-                        metrics[f"agent{p}/line_search_steps"] = float(np.mean(states[p]["line_search_steps"]))
+                    if model.line_search_steps:
+                        metrics[f"agent{p}/line_search_steps"] = float(np.mean(model.line_search_steps))
             del models  # frees the autodiff graphs kept for J^T
 
             # critics: each fits V^i to its own returns
             value_losses, explained = [], []
             for p, (critic, optimizer) in enumerate(zip(critics, critic_optimizers)):
-                batch = (b_obs[p], b_returns[:, p])
-                value_losses.append(
-                    fit_critic(critic, optimizer, *batch, args.critic_epochs, args.critic_minibatch_size, rng)
-                )
+                value_losses.append(fit_critic(critic, optimizer, b_obs[p], b_returns[:, p], args, rng))
                 var_returns = b_returns[:, p].var().item()
-                if var_returns > 0:
-                    residual_var = (b_returns[:, p] - values[..., p].reshape(-1)).var().item()
-                    explained.append(1 - residual_var / var_returns)
+                if var_returns > 0:  # the explained variance of the rollout's values
+                    explained.append(1 - (b_returns[:, p] - values[..., p].reshape(-1)).var().item() / var_returns)
 
             # logging
             sps = int((global_step - start_step) / (time.time() - start_time))
-            metrics |= {
-                "global_step": global_step,
-                "charts/SPS": sps,
-                "charts/learning_rate": args.critic_learning_rate,
-                "charts/update_seconds": update_seconds,
-                "losses/value_loss": float(np.mean(value_losses)),
-            }
+            metrics |= {"global_step": global_step, "charts/SPS": sps}
+            metrics |= {"charts/learning_rate": args.critic_learning_rate, "charts/update_seconds": update_seconds}
+            metrics["losses/value_loss"] = float(np.mean(value_losses))
             if explained:
                 metrics["losses/explained_variance"] = float(np.mean(explained))
             if finished_returns:
-                metrics["charts/episodic_return"] = float(np.sum(np.mean(finished_returns, 0)))
+                private_returns = np.mean(finished_returns, 0)
+                metrics["charts/episodic_return"] = float(np.sum(private_returns))
                 metrics["charts/episodic_length"] = float(np.mean(finished_lengths))
-                for i, private_return in enumerate(np.mean(finished_returns, 0)):
-                    metrics[f"agent{i}/episodic_return"] = float(private_return)
-            networks = {f"agent{p}": policy for p, policy in enumerate(policies)}
-            check_finite(metrics, networks | {f"critic{p}": critic for p, critic in enumerate(critics)})
-            if finished_returns:
+                metrics |= {f"agent{i}/episodic_return": float(r) for i, r in enumerate(private_returns)}
                 ended = f"{len(finished_returns)} episodes ended by step {global_step:,}"
                 episodes = f"episodic_return={metrics['charts/episodic_return']:.2f} ({ended})"
+            networks = {f"agent{p}": policy for p, policy in enumerate(policies)}
+            check_finite(metrics, networks | {f"critic{p}": critic for p, critic in enumerate(critics)})
             with interrupts:  # a signal waits until this step's metrics line, evaluation and checkpoint are written
                 log(metrics)
                 print(progress_line(global_step, total, sps, episodes))

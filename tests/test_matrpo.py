@@ -6,6 +6,7 @@ then every mode end to end."""
 import itertools
 import json
 import math
+from types import SimpleNamespace
 
 import gymnasium as gym
 import numpy as np
@@ -94,6 +95,11 @@ def test_ring(num_agents, edges):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # ADMM
+def consensus_residuals(residuals: dict) -> list[float]:
+    """The per-edge admm/consensus_residual_{i}_{j} metrics of admm_consensus's residuals."""
+    return [value for key, value in residuals.items() if key.startswith("admm/consensus_residual_")]
+
+
 def test_edge_update_is_the_augmented_lagrangian_minimiser_then_the_dual_step():
     """min over z_ei + z_ej = 0 of sum_q [lambda_q . (w_q l_q - z_q) + rho/2 |w_q l_q - z_q|^2], solved from its KKT
     system per coordinate, then lambda_q += rho (w_q l_q - z_q)."""
@@ -135,26 +141,26 @@ def test_prox_admm_reaches_consensus_and_the_centralised_optimum(num_agents, edg
     A = [torch.randn(N, dtype=torch.float64) for _ in range(num_agents)]
     x = [torch.zeros(k + private, dtype=torch.float64) for _ in range(num_agents)]
 
+    args = matrpo.Args(admm_rho=rho, admm_iters=1500 * num_agents, edge_order=edge_order, kl_threshold=delta)
+
     def policy_step(q, coupling, degree):
-        C = A[q][:, None] - coupling  # A 1^T - D
-        J_transpose, solve = lambda u: J[q].T @ u.reshape(-1), lambda c: torch.linalg.solve(H[q], c)  # noqa: E731
-        x[q] = matrpo.prox_x_update(C, x[q], (J[q] @ x[q]).view(shape), J_transpose, lambda v: H[q] @ v, solve, rho,
-                                    degree, delta)  # fmt: skip
+        # what prox_x_update reads of agent q's LocalModel (C = A 1^T - D), with the explicit matrices of this instance
+        model = SimpleNamespace(advantages=A[q], prox_step=x[q], kept_log_ratios=(J[q] @ x[q]).view(shape),
+                                J_transpose=lambda u: J[q].T @ u.reshape(-1), fisher_product=lambda v: H[q] @ v,
+                                solve=lambda c: torch.linalg.solve(H[q], c))  # fmt: skip
+        x[q] = matrpo.prox_x_update(model, coupling, rho * degree, args)
         return (J[q] @ x[q]).view(shape)
 
-    result = matrpo.admm_consensus(
+    ls, residuals = matrpo.admm_consensus(
         [lambda D, degree, q=q: policy_step(q, D, degree) for q in range(num_agents)],
         torch.zeros(shape, dtype=torch.float64),
         matrpo.ring_edges(num_agents),
-        rho,
-        1500 * num_agents,
-        edge_order,
+        args,
         np.random.default_rng(0),
     )
-    ls = result["log_ratios"]
     assert max((a - b).abs().max().item() for a, b in itertools.combinations(ls, 2)) < 1e-8  # consensus
-    assert result["primal_residual"] < 1e-8 and result["dual_residual"] < 1e-8
-    assert max(result["consensus"].values()) < 1e-16
+    assert residuals["admm/primal_residual"] < 1e-8 and residuals["admm/dual_residual"] < 1e-8
+    assert len(consensus_residuals(residuals)) == num_agents and max(consensus_residuals(residuals)) < 1e-16
     objective = sum(A[q] @ ls[q].sum(1) for q in range(num_agents)).item() / N
     g = sum(U.T @ A[q].repeat_interleave(num_agents) for q in range(num_agents)) / N
     y = torch.linalg.solve(H[0][:k, :k], g)
@@ -164,8 +170,9 @@ def test_prox_admm_reaches_consensus_and_the_centralised_optimum(num_agents, edg
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Jacobian and Fisher products of a tiny double-precision joint policy, against explicit matrices
-def tiny_model(num_heads: int = 3, seed: int = 0, fisher_subsample: int = 1):
-    """A tiny joint policy moved to a generic point (non-uniform heads), its batch and its LocalModel."""
+def tiny_model(num_heads: int = 3, seed: int = 0, advantages=None, **arg_values):
+    """A tiny joint policy moved to a generic point (non-uniform heads), its batch (12 samples of one env, advantages
+    zero unless given) and its LocalModel; arg_values set the Args it is built with (fisher_subsample, cg_iters)."""
     torch.manual_seed(seed)
     policy = matrpo.JointPolicy(4, num_heads, 5, (6,)).double()
     with torch.no_grad():
@@ -173,7 +180,9 @@ def tiny_model(num_heads: int = 3, seed: int = 0, fisher_subsample: int = 1):
             param.add_(0.5 * torch.randn_like(param))
     obs = torch.randn(12, 4, dtype=torch.float64)
     actions = torch.randint(0, 5, (12, num_heads))
-    return policy, obs, actions, matrpo.LocalModel(policy, obs, actions, obs[::fisher_subsample], 0.01)
+    advantages = torch.zeros(12, dtype=torch.float64) if advantages is None else advantages
+    args = matrpo.Args(**{"num_envs": 1, "fisher_subsample": 1, "cg_damping": 0.01, **arg_values})
+    return policy, obs, actions, matrpo.LocalModel(policy, obs, actions, advantages, args)
 
 
 def logits_at(policy, obs):
@@ -231,20 +240,19 @@ def test_fisher_vector_product_matches_the_explicit_kl_hessian(fisher_subsample)
 
 def test_linearized_step_matches_a_naive_reimplementation():
     """Explicit Jacobian and Fisher matrix, a direct solve and a plain loop over the step fractions."""
-    policy, obs, actions, model = tiny_model()
+    generator = torch.Generator().manual_seed(3)
+    advantages = torch.randn(12, dtype=torch.float64, generator=generator)
+    policy, obs, actions, model = tiny_model(advantages=advantages, cg_iters=200)
     log_ratios, theta_old = explicit_log_ratios(policy, obs, actions)
     jacobian = torch.autograd.functional.jacobian(log_ratios, theta_old)
     mean_kl = explicit_mean_kl(policy, obs)
     fisher = torch.autograd.functional.hessian(mean_kl, theta_old) + 0.01 * torch.eye(theta_old.numel())
-    generator = torch.Generator().manual_seed(3)
-    advantages = torch.randn(12, dtype=torch.float64, generator=generator)
 
     for kl_threshold, scale in [(0.01, 0.0), (0.01, 0.3), (0.5, 0.3)]:
         coupling = scale * torch.randn(12, 3, dtype=torch.float64, generator=generator)
         rho_degree = 2.0 * (scale > 0)
-        theta, theta_log_ratios, steps = matrpo.linearized_x_update(
-            model, advantages, coupling, rho_degree, kl_threshold, 200, 10, 0.5
-        )
+        args = matrpo.Args(kl_threshold=kl_threshold, ls_steps=10, backtrack_coef=0.5)
+        theta, theta_log_ratios, steps = matrpo.linearized_x_update(model, coupling, rho_degree, args)
         torch.testing.assert_close(theta_log_ratios, log_ratios(theta))
 
         b = torch.einsum("tkp,tk->p", jacobian, advantages[:, None] - coupling) / 12
@@ -268,12 +276,13 @@ def test_linearized_step_matches_a_naive_reimplementation():
 
 def test_linearized_step_without_an_improving_fraction_returns_none():
     """A penalty rho d so large that every fraction tried overshoots: the augmented Lagrangian falls."""
-    policy, obs, actions, model = tiny_model()
     advantages = torch.randn(12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    policy, obs, actions, model = tiny_model(advantages=advantages, cg_iters=10)
     coupling = torch.zeros(12, 3, dtype=torch.float64)
-    theta, log_ratios, steps = matrpo.linearized_x_update(model, advantages, coupling, 1e6, 0.01, 10, 3, 0.5)
+    args = matrpo.Args(kl_threshold=0.01, ls_steps=3, backtrack_coef=0.5)
+    theta, log_ratios, steps = matrpo.linearized_x_update(model, coupling, 1e6, args)
     assert theta is None and log_ratios is None and steps == 3
-    theta, _, steps = matrpo.linearized_x_update(model, advantages, coupling, 0.0, 0.01, 10, 3, 0.5)
+    theta, _, steps = matrpo.linearized_x_update(model, coupling, 0.0, args)
     assert theta is not None and steps < 3  # the same step without the penalty is accepted
 
 
@@ -288,23 +297,20 @@ def test_admm_loop_brings_real_policies_to_agree(x_update):
         policies = [matrpo.JointPolicy(6, 3, 5, (16,)) for _ in range(3)]
         obs = [torch.randn(64, 6) for _ in range(3)]
         actions, advantages = torch.randint(0, 5, (64, 3)), torch.randn(64, 3)
-        models = [matrpo.LocalModel(policy, o, actions, o, 0.01) for policy, o in zip(policies, obs)]
-        states = [
-            {"log_ratios": torch.zeros(64, 3), "prox_step": torch.zeros_like(model.theta_old), "line_search_steps": []}
-            for model in models
+        args = matrpo.Args(x_update=x_update, admm_rho=rho, admm_iters=60, kl_threshold=0.01, num_envs=1,
+                           fisher_subsample=1)  # fmt: skip
+        models = [
+            matrpo.LocalModel(pi, o, actions, advantages[:, p], args) for p, (pi, o) in enumerate(zip(policies, obs))
         ]
-        args = matrpo.Args(x_update=x_update, admm_rho=rho, kl_threshold=0.01)
-        steps = [
-            lambda coupling, degree, p=p: matrpo.policy_step(
-                models[p], advantages[:, p], coupling, degree, states[p], args
-            )
-            for p in range(3)
-        ]
-        result = matrpo.admm_consensus(steps, torch.zeros(64, 3), matrpo.ring_edges(3), rho, 60, "random",
-                                       np.random.default_rng(0))  # fmt: skip
+        steps = [lambda coupling, degree, m=m: matrpo.policy_step(m, coupling, degree, args) for m in models]
+        _, residuals = matrpo.admm_consensus(
+            steps, torch.zeros(64, 3), matrpo.ring_edges(3), args, np.random.default_rng(0)
+        )
         moved = [not torch.equal(parameters_to_vector(policy.parameters()), model.theta_old) for policy, model in
                  zip(policies, models)]  # fmt: skip
-        return max(result["consensus"].values()), min(result["consensus"].values()), all(moved)
+        consensus = consensus_residuals(residuals)
+        assert len(consensus) == 3
+        return max(consensus), min(consensus), all(moved)
 
     coupled, _, coupled_moved = run(1.0)
     _, uncoupled, uncoupled_moved = run(1e-4)
