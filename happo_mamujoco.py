@@ -407,8 +407,7 @@ def happo_update(actor, optimizer, obs, actions, logp_old, advantages, factor, a
             logratio = dist.log_prob(actions[mb]) - logp_old[mb]
             ratio = logratio.exp()
             clipped_ratio = ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)
-            surrogate = torch.min(ratio * advantages[mb], clipped_ratio * advantages[mb])
-            policy_loss = -(factor[mb] * surrogate).mean()
+            policy_loss = -(factor[mb] * torch.min(ratio * advantages[mb], clipped_ratio * advantages[mb])).mean()
             entropy = dist.entropy().mean()
             optimizer.zero_grad()
             (policy_loss - args.ent_coef * entropy).backward()
