@@ -53,14 +53,14 @@ class Args:
     # Algorithm
     learning_rate: float = 5e-4  # Adam learning rate of the actors
     critic_learning_rate: float = 5e-4  # Adam learning rate of the critic
-    anneal_lr: bool = False  # if toggled, decay both learning rates linearly to 0
+    anneal_lr: bool = False  # if toggled, decay every Adam learning rate linearly to 0
     gamma: float = 0.99  # the discount factor gamma
     gae_lambda: float = 0.95  # the lambda of generalised advantage estimation
     hidden_sizes: tuple[int, ...] = (128, 128)  # hidden layer sizes of the actors and the critic
     sequential: bool = True  # weight each agent's advantage by the factor M of the agents updated before it
     fixed_order: bool = False  # update the agents in index order, not in a fresh random order every iteration
     ppo_epochs: int = 5  # epochs of each agent's policy update
-    num_minibatches: int = 1  # minibatches per epoch (actors and critic)
+    num_minibatches: int = 1  # minibatches per epoch
     clip_coef: float = 0.2  # the surrogate clipping coefficient epsilon (also clips the value loss)
     ent_coef: float = 0.01  # coefficient of the entropy bonus
     critic_epochs: int = 5  # epochs of the critic update
@@ -268,18 +268,16 @@ def minibatches(rng: np.random.Generator, batch_size: int, num_minibatches: int)
 
 
 def happo_update(actor, optimizer, obs, actions, logp_old, advantages, factor, args: Args, rng) -> dict:
-    """HAPPO update of one agent i_m: maximise E[M * min(r A, clip(r, 1 - eps, 1 + eps) A)] + entropy bonus, with
-    r = pi_new(a|o) / pi_old(a|o) and M the factor of the agents updated before it. Returns means over the update."""
+    """Update of agent i_m, with r = pi_new(a|o) / pi_old(a|o) and M the factor of the agents updated before it.
+    HAPPO: maximise E[M min(r A, clip(r, 1 - eps, 1 + eps) A)] + entropy bonus by minibatch epochs; returns means."""
     totals = {"policy_loss": 0.0, "entropy": 0.0, "approx_kl": 0.0, "clipfrac": 0.0}
     for _ in range(args.ppo_epochs):
         for mb in minibatches(rng, len(advantages), args.num_minibatches):
             dist = actor.distribution(obs[mb])
             logratio = dist.log_prob(actions[mb]) - logp_old[mb]
             ratio = logratio.exp()
-            surrogate = torch.min(
-                ratio * advantages[mb], ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * advantages[mb]
-            )
-            policy_loss = -(factor[mb] * surrogate).mean()
+            clipped_ratio = ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)
+            policy_loss = -(factor[mb] * torch.min(ratio * advantages[mb], clipped_ratio * advantages[mb])).mean()
             entropy = dist.entropy().mean()
             optimizer.zero_grad()
             (policy_loss - args.ent_coef * entropy).backward()
@@ -639,13 +637,13 @@ if __name__ == "__main__":
             b_advantages = advantages.reshape(-1)
             b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std() + 1e-5)
 
-            # sequential update in a fresh random order: agent i_m maximises its clipped surrogate times the factor
+            # sequential update in a fresh random order: agent i_m maximises its surrogate objective times the factor
             # M = prod_{j<m} pi_new^{i_j} / pi_old^{i_j} of the agents updated before it (detached; --no-sequential: 1)
             order = list(range(num_agents)) if args.fixed_order else list(rng.permutation(num_agents))
-            factor, agent_stats = torch.ones_like(b_logprobs[0]), {}
+            factor, stats = torch.ones_like(b_logprobs[0]), {}
             for i in order:
-                agent_stats[i] = happo_update(actors[i], actor_optimizers[i], b_obs[i], b_actions[i], b_logprobs[i],
-                                              b_advantages, factor, args, rng)  # fmt: skip
+                stats[i] = happo_update(actors[i], actor_optimizers[i], b_obs[i], b_actions[i], b_logprobs[i],
+                                        b_advantages, factor, args, rng)  # fmt: skip
                 if args.sequential:
                     with torch.no_grad():
                         logp_new = actors[i].distribution(b_obs[i]).log_prob(b_actions[i])
@@ -673,7 +671,7 @@ if __name__ == "__main__":
                 metrics["charts/episodic_return"] = float(np.mean(finished_returns))
                 metrics["charts/episodic_length"] = float(np.mean(finished_lengths))
             for i in range(num_agents):
-                metrics.update({f"agent{i}/{name}": value for name, value in agent_stats[i].items()})
+                metrics.update({f"agent{i}/{name}": value for name, value in stats[i].items()})
             check_finite(metrics, {**{f"agent{i}": actor for i, actor in enumerate(actors)}, "critic": critic})
             if finished_returns:
                 ended = f"{len(finished_returns)} episodes ended by step {global_step:,}"

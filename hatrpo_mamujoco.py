@@ -21,9 +21,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 from torch import nn
-from torch.distributions import Categorical, Independent, Normal, kl_divergence
-from torch.func import functional_call, jvp, vjp
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.distributions import Categorical, Independent, Normal
 
 with contextlib.redirect_stderr(io.StringIO()):  # gymnasium_robotics prints a notice about its Adroit envs on import
     from gymnasium_robotics import mamujoco_v1
@@ -96,8 +94,8 @@ class Args:
     """Scenario-Partition: Ant-2x4, Ant-2x4d, Ant-4x2, Ant-8x1, HalfCheetah-2x3, HalfCheetah-3x2, HalfCheetah-6x1,
     Hopper-3x1, Humanoid-9|8, Humanoid-17x1, HumanoidStandup-9|8, HumanoidStandup-17x1, Pusher-3p, Reacher-2x1,
     Swimmer-2x1, Walker2d-2x3, Walker2d-3x2, Walker2d-6x1, ManySegmentSwimmer-NxK, ManySegmentAnt-NxK (N agents of K
-    segments). Ant-4x2, HalfCheetah-2x3, Hopper-3x1, Walker2d-2x3, Walker2d-6x1 and Ant-2x4 (borrowing
-    Ant-4x2's) run with HARL's tuned values, other ids with the defaults below; a flag given on the command line wins"""
+    segments). The ids with an entry in this script's TUNED run with HARL's tuned values (Ant-2x4 with Ant-4x2's),
+    other ids with the defaults below; a flag given on the command line wins"""
     agent_obsk: int | None = None
     """None: every agent observes the full state and its one-hot id (the papers); K: mamujoco_v1's local observations
     of the joints within K hops"""
@@ -108,7 +106,7 @@ class Args:
 
     # Algorithm
     critic_learning_rate: float = 5e-4  # Adam learning rate of the critic
-    anneal_lr: bool = False  # if toggled, decay the critic's learning rate linearly to 0
+    anneal_lr: bool = False  # if toggled, decay every Adam learning rate linearly to 0
     gamma: float = 0.99  # the discount factor gamma
     gae_lambda: float = 0.95  # the lambda of generalised advantage estimation
     hidden_sizes: tuple[int, ...] = (128, 128, 128)  # hidden layer sizes of the actors and the critic
@@ -120,11 +118,11 @@ class Args:
     accept_ratio: float = 0.5  # accept a fraction whose improvement is above accept_ratio x the linear prediction
     cg_iters: int = 10  # conjugate gradient iterations solving (F + damping I) x = g
     cg_damping: float = 0.1  # the damping added to the Fisher matrix F
-    num_minibatches: int = 1  # minibatches per epoch of the critic
+    num_minibatches: int = 1  # minibatches per epoch
     clip_coef: float = 0.2  # the clipping coefficient of the value loss
     critic_epochs: int = 5  # epochs of the critic update
     huber_delta: float = 10.0  # delta of the Huber value loss
-    max_grad_norm: float = 10.0  # the maximum norm for gradient clipping of the critic
+    max_grad_norm: float = 10.0  # the maximum norm for gradient clipping
 
     # Computed at run time (not command-line options)
     batch_size: tyro.conf.Suppress[int] = 0  # samples per agent per iteration (num_envs * num_steps)
@@ -393,8 +391,7 @@ def minibatches(rng: np.random.Generator, batch_size: int, num_minibatches: int)
 
 def conjugate_gradient(matrix_vector_product: Callable, b: torch.Tensor, iters: int, residual_tol: float = 1e-10):
     """Approximately solve A x = b for a symmetric positive definite A given as the function x -> A x."""
-    x, r, p = torch.zeros_like(b), b.clone(), b.clone()  # solution, residual b - A x, search direction
-    r_dot_r = r @ r
+    x, r, p, r_dot_r = torch.zeros_like(b), b.clone(), b.clone(), b @ b  # solution, residual b - A x, direction, r.r
     for _ in range(iters):
         if r_dot_r < residual_tol:
             break
@@ -407,25 +404,22 @@ def conjugate_gradient(matrix_vector_product: Callable, b: torch.Tensor, iters: 
 
 
 def fisher_vector_product(actor, obs, damping: float) -> Callable:
-    """The function v -> (F + damping I) v, F the Hessian of the batch-mean KL(pi_old || pi_theta) at theta_old.
-
-    With u(theta) the distribution's parameters (logits, or mean and std) and H the Hessian of the exact KL in u,
-    F = J^T H J with J = du/dtheta: exact at theta_old, where the KL's gradient in u is zero. J v by forward mode and
-    J^T w by reverse mode cost about three passes through the network, half of differentiating it twice."""
+    """v -> (F + damping I) v, F = J^T H J the Hessian of the batch-mean KL(pi_old || pi_theta) at theta_old (exact
+    there, where the KL's gradient in u is 0): H the KL's Hessian in the distribution's parameters u, J = du/dtheta."""
     names, shapes = zip(*[(name, p.shape) for name, p in actor.named_parameters()])
-    theta_old = parameters_to_vector(actor.parameters()).detach()
+    theta_old = nn.utils.parameters_to_vector(actor.parameters()).detach()
 
     def dist_params(theta):  # u(theta) for the flat parameter vector theta
         chunks = theta.split([shape.numel() for shape in shapes])
-        return functional_call(actor, {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}, (obs,))
+        return torch.func.functional_call(actor, {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}, (obs,))
 
-    u_old, pullback = vjp(dist_params, theta_old)  # pullback(w) = J^T w
-    u = tuple(p.detach().requires_grad_() for p in u_old)
-    kl = kl_divergence(actor.distribution_from(tuple(p.detach() for p in u_old)), actor.distribution_from(u))
+    u_old, pullback = torch.func.vjp(dist_params, theta_old)  # pullback(w) = J^T w by reverse mode
+    u = tuple(p.detach().requires_grad_() for p in u_old)  # a new leaf at u_old, to differentiate the KL in
+    kl = torch.distributions.kl_divergence(actor.distribution_from(u_old), actor.distribution_from(u))
     kl_grad = torch.autograd.grad(kl.mean(), u, create_graph=True)
 
     def fvp(v: torch.Tensor) -> torch.Tensor:
-        _, J_v = jvp(dist_params, (theta_old,), (v,))
+        _, J_v = torch.func.jvp(dist_params, (theta_old,), (v,))  # J v by forward mode
         H_J_v = torch.autograd.grad(kl_grad, u, grad_outputs=J_v, retain_graph=True)
         return pullback(H_J_v)[0] + damping * v
 
@@ -433,52 +427,32 @@ def fisher_vector_product(actor, obs, damping: float) -> Callable:
 
 
 def hatrpo_update(actor, obs, actions, logp_old, advantages, factor, args: Args) -> dict:
-    """HATRPO update of one agent i_m: maximise L = E[r M A] subject to mean KL(pi_old || pi_new) < kl_threshold,
-    with r = pi_new(a|o) / pi_old(a|o) and M the factor of the agents updated before it. One natural-gradient step,
-    shortened by a backtracking line search; if no fraction is accepted the agent does not move."""
-    params = list(actor.parameters())
-    params_old = parameters_to_vector(params).detach()
-    with torch.no_grad():
-        dist_old = actor.distribution(obs)
-
-    def surrogate(dist) -> torch.Tensor:  # the same ratio (summed log-probs) in the gradient and the line search
-        return (torch.exp(dist.log_prob(actions) - logp_old) * factor * advantages).mean()
-
-    surrogate_old = surrogate(actor.distribution(obs))
-    g = parameters_to_vector(torch.autograd.grad(surrogate_old, params))
+    """Update of agent i_m, with r = pi_new(a|o) / pi_old(a|o) and M the factor of the agents updated before it.
+    HATRPO: maximise L = E[r M A] s.t. mean KL(pi_old || pi_new) < delta by a line-searched natural-gradient step."""
+    theta_old, dist_old = nn.utils.parameters_to_vector(actor.parameters()).detach(), actor.distribution(obs)
+    L_old = (torch.exp(dist_old.log_prob(actions) - logp_old) * factor * advantages).mean()  # L at theta_old
+    g = nn.utils.parameters_to_vector(torch.autograd.grad(L_old, actor.parameters()))
     fvp = fisher_vector_product(actor, obs, args.cg_damping)
     x = conjugate_gradient(fvp, g, args.cg_iters)  # x = (F + damping I)^{-1} g
-    # the full step s = beta x has the quadratic KL estimate 1/2 s^T (F + damping I) s = kl_threshold
-    x_F_x = x @ fvp(x)
+    x_F_x = x @ fvp(x)  # the full step s = beta x has the quadratic KL estimate 1/2 s^T (F + damping I) s = delta
     full_step = x * torch.sqrt(2 * args.kl_threshold / x_F_x) if x_F_x > 0 else torch.zeros_like(x)
-    expected_full = (g @ full_step).item()  # the linear prediction of the full step's improvement
-
-    with torch.no_grad():  # backtracking line search over the fractions args.backtrack_coef**steps
+    predicted = (g @ full_step).item()  # the linear prediction of the full step's improvement
+    with torch.no_grad():  # backtracking line search over the fractions backtrack_coef**steps
         for steps in range(args.ls_steps):
             fraction = args.backtrack_coef**steps
-            vector_to_parameters(params_old + fraction * full_step, params)
+            nn.utils.vector_to_parameters(theta_old + fraction * full_step, actor.parameters())
             dist = actor.distribution(obs)
-            kl = kl_divergence(dist_old, dist).mean().item()
-            improvement = (surrogate(dist) - surrogate_old).item()
-            if (
-                kl < args.kl_threshold
-                and improvement > 0
-                and improvement / (fraction * expected_full) > args.accept_ratio
-            ):
+            kl = torch.distributions.kl_divergence(dist_old, dist).mean().item()
+            improvement = ((torch.exp(dist.log_prob(actions) - logp_old) * factor * advantages).mean() - L_old).item()
+            if kl < args.kl_threshold and improvement > 0 and improvement / (fraction * predicted) > args.accept_ratio:
                 break
         else:  # no fraction accepted: restore the old parameters (the agent's ratio stays 1)
-            vector_to_parameters(params_old, params)
+            nn.utils.vector_to_parameters(theta_old, actor.parameters())
             steps, fraction, dist, kl, improvement = args.ls_steps, 0.0, dist_old, 0.0, 0.0
-        logratio = dist.log_prob(actions) - logp_old
-        return {
-            "policy_loss": -(surrogate_old.item() + improvement),
-            "entropy": dist.entropy().mean().item(),
-            "approx_kl": ((logratio.exp() - 1) - logratio).mean().item(),  # http://joschu.net/blog/kl-approx.html
-            "kl": kl,
-            "improvement": improvement,
-            "expected_improvement": fraction * expected_full,
-            "line_search_steps": steps,
-        }
+        logratio = dist.log_prob(actions) - logp_old  # approx_kl: http://joschu.net/blog/kl-approx.html
+        return dict(policy_loss=-(L_old.item() + improvement), entropy=dist.entropy().mean().item(),
+                    approx_kl=((logratio.exp() - 1) - logratio).mean().item(), kl=kl, improvement=improvement,
+                    expected_improvement=fraction * predicted, line_search_steps=steps)  # fmt: skip
 
 
 def critic_update(critic, optimizer, states, targets, old_values, args: Args, rng: np.random.Generator) -> float:
@@ -826,14 +800,12 @@ if __name__ == "__main__":
             b_advantages = advantages.reshape(-1)
             b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std() + 1e-5)
 
-            # sequential update in a fresh random order: agent i_m takes a TRPO step on its surrogate times the factor
+            # sequential update in a fresh random order: agent i_m maximises its surrogate objective times the factor
             # M = prod_{j<m} pi_new^{i_j} / pi_old^{i_j} of the agents updated before it (detached; --no-sequential: 1)
             order = list(range(num_agents)) if args.fixed_order else list(rng.permutation(num_agents))
-            factor, agent_stats = torch.ones_like(b_logprobs[0]), {}
+            factor, stats = torch.ones_like(b_logprobs[0]), {}
             for i in order:
-                agent_stats[i] = hatrpo_update(
-                    actors[i], b_obs[i], b_actions[i], b_logprobs[i], b_advantages, factor, args
-                )
+                stats[i] = hatrpo_update(actors[i], b_obs[i], b_actions[i], b_logprobs[i], b_advantages, factor, args)
                 if args.sequential:
                     with torch.no_grad():
                         logp_new = actors[i].distribution(b_obs[i]).log_prob(b_actions[i])
@@ -861,7 +833,7 @@ if __name__ == "__main__":
                 metrics["charts/episodic_return"] = float(np.mean(finished_returns))
                 metrics["charts/episodic_length"] = float(np.mean(finished_lengths))
             for i in range(num_agents):
-                metrics.update({f"agent{i}/{name}": value for name, value in agent_stats[i].items()})
+                metrics.update({f"agent{i}/{name}": value for name, value in stats[i].items()})
             check_finite(metrics, {**{f"agent{i}": actor for i, actor in enumerate(actors)}, "critic": critic})
             if finished_returns:
                 ended = f"{len(finished_returns)} episodes ended by step {global_step:,}"

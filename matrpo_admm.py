@@ -248,8 +248,7 @@ def normalize_advantages(advantages: torch.Tensor, how: str) -> torch.Tensor:
 
 def conjugate_gradient(matrix_vector_product: Callable, b: torch.Tensor, iters: int, residual_tol: float = 1e-10):
     """Approximately solve A x = b for a symmetric positive definite A given as the function x -> A x."""
-    x, r, p = torch.zeros_like(b), b.clone(), b.clone()  # solution, residual b - A x, search direction
-    r_dot_r = r @ r
+    x, r, p, r_dot_r = torch.zeros_like(b), b.clone(), b.clone(), b @ b  # solution, residual b - A x, direction, r.r
     for _ in range(iters):
         if r_dot_r < residual_tol:
             break
@@ -262,25 +261,22 @@ def conjugate_gradient(matrix_vector_product: Callable, b: torch.Tensor, iters: 
 
 
 def fisher_vector_product(actor, obs, damping: float) -> Callable:
-    """The function v -> (F + damping I) v, F the Hessian of the batch-mean KL(pi_old || pi_theta) at theta_old.
-
-    With u(theta) the distribution's parameters (logits, or mean and std) and H the Hessian of the exact KL in u,
-    F = J^T H J with J = du/dtheta: exact at theta_old, where the KL's gradient in u is zero. J v by forward mode and
-    J^T w by reverse mode cost about three passes through the network, half of differentiating it twice."""
+    """v -> (F + damping I) v, F = J^T H J the Hessian of the batch-mean KL(pi_old || pi_theta) at theta_old (exact
+    there, where the KL's gradient in u is 0): H the KL's Hessian in the distribution's parameters u, J = du/dtheta."""
     names, shapes = zip(*[(name, p.shape) for name, p in actor.named_parameters()])
-    theta_old = parameters_to_vector(actor.parameters()).detach()
+    theta_old = nn.utils.parameters_to_vector(actor.parameters()).detach()
 
     def dist_params(theta):  # u(theta) for the flat parameter vector theta
         chunks = theta.split([shape.numel() for shape in shapes])
-        return functional_call(actor, {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}, (obs,))
+        return torch.func.functional_call(actor, {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}, (obs,))
 
-    u_old, pullback = vjp(dist_params, theta_old)  # pullback(w) = J^T w
-    u = tuple(p.detach().requires_grad_() for p in u_old)
-    kl = kl_divergence(actor.distribution_from(tuple(p.detach() for p in u_old)), actor.distribution_from(u))
+    u_old, pullback = torch.func.vjp(dist_params, theta_old)  # pullback(w) = J^T w by reverse mode
+    u = tuple(p.detach().requires_grad_() for p in u_old)  # a new leaf at u_old, to differentiate the KL in
+    kl = torch.distributions.kl_divergence(actor.distribution_from(u_old), actor.distribution_from(u))
     kl_grad = torch.autograd.grad(kl.mean(), u, create_graph=True)
 
     def fvp(v: torch.Tensor) -> torch.Tensor:
-        _, J_v = jvp(dist_params, (theta_old,), (v,))
+        _, J_v = torch.func.jvp(dist_params, (theta_old,), (v,))  # J v by forward mode
         H_J_v = torch.autograd.grad(kl_grad, u, grad_outputs=J_v, retain_graph=True)
         return pullback(H_J_v)[0] + damping * v
 

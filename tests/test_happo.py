@@ -55,7 +55,7 @@ def test_the_main_loop_updates_as_written_out_above():
     """The loop above is the scripts' own: every HAPPO and HATRPO script has these lines in its main loop."""
     for script in ("happo_mpe.py", "happo_mamujoco.py", "hatrpo_mpe.py", "hatrpo_mamujoco.py"):
         lines = [line.strip() for line in (REPO / script).read_text().splitlines()]
-        loop = lines.index("factor, agent_stats = torch.ones_like(b_logprobs[0]), {}") + 1
+        loop = lines.index("factor, stats = torch.ones_like(b_logprobs[0]), {}") + 1
         assert lines[loop] == "for i in order:", script
         update = lines.index("if args.sequential:", loop)  # after the agent's update (one call)
         assert update - loop <= 4 and lines[update : update + 4] == [
