@@ -80,10 +80,11 @@ def fail(message: str):
 
 ARG_RANGES = (  # (fields, test, what the error message says), checked by validate_args
     ("num_envs num_steps total_timesteps num_minibatches critic_epochs max_cycles save_interval eval_episodes "
-     "torch_threads critic_learning_rate max_grad_norm huber_delta learning_rate "
-     "ppo_epochs", lambda x: x > 0, "positive"),
+     "torch_threads critic_learning_rate max_grad_norm huber_delta", lambda x: x > 0, "positive"),
     ("gamma gae_lambda clip_coef", lambda x: 0 < x <= 1, "in (0, 1]"),
-    ("ent_coef eval_interval", lambda x: x >= 0, ">= 0"),
+    ("eval_interval", lambda x: x >= 0, ">= 0"),
+    ("learning_rate ppo_epochs", lambda x: x > 0, "positive"),  # the fields of HAPPO's own update
+    ("ent_coef", lambda x: x >= 0, ">= 0"),
 )  # fmt: skip
 
 

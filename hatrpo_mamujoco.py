@@ -147,9 +147,12 @@ def apply_tuned_values(args: Args, argv: list[str], tuned: dict) -> dict:
 
 ARG_RANGES = (  # (fields, test, what the error message says), checked by validate_args
     ("num_envs num_steps total_timesteps num_minibatches critic_epochs save_interval eval_episodes torch_threads "
-     "critic_learning_rate max_grad_norm huber_delta kl_threshold ls_steps cg_iters", lambda x: x > 0, "positive"),
-    ("gamma gae_lambda clip_coef backtrack_coef", lambda x: 0 < x <= 1, "in (0, 1]"),
-    ("accept_ratio cg_damping eval_interval", lambda x: x >= 0, ">= 0"),
+     "critic_learning_rate max_grad_norm huber_delta", lambda x: x > 0, "positive"),
+    ("gamma gae_lambda clip_coef", lambda x: 0 < x <= 1, "in (0, 1]"),
+    ("eval_interval", lambda x: x >= 0, ">= 0"),
+    ("kl_threshold ls_steps cg_iters", lambda x: x > 0, "positive"),  # the fields of HATRPO's own update
+    ("backtrack_coef", lambda x: 0 < x <= 1, "in (0, 1]"),
+    ("accept_ratio cg_damping", lambda x: x >= 0, ">= 0"),
 )  # fmt: skip
 
 
@@ -429,8 +432,12 @@ def fisher_vector_product(actor, obs, damping: float) -> Callable:
 def hatrpo_update(actor, obs, actions, logp_old, advantages, factor, args: Args) -> dict:
     """Update of agent i_m, with r = pi_new(a|o) / pi_old(a|o) and M the factor of the agents updated before it.
     HATRPO: maximise L = E[r M A] s.t. mean KL(pi_old || pi_new) < delta by a line-searched natural-gradient step."""
+
+    def surrogate(dist) -> torch.Tensor:  # L = E[r M A], with the same ratio in the gradient and the line search
+        return (torch.exp(dist.log_prob(actions) - logp_old) * factor * advantages).mean()
+
     theta_old, dist_old = nn.utils.parameters_to_vector(actor.parameters()).detach(), actor.distribution(obs)
-    L_old = (torch.exp(dist_old.log_prob(actions) - logp_old) * factor * advantages).mean()  # L at theta_old
+    L_old = surrogate(dist_old)  # L at theta_old
     g = nn.utils.parameters_to_vector(torch.autograd.grad(L_old, actor.parameters()))
     fvp = fisher_vector_product(actor, obs, args.cg_damping)
     x = conjugate_gradient(fvp, g, args.cg_iters)  # x = (F + damping I)^{-1} g
@@ -443,7 +450,7 @@ def hatrpo_update(actor, obs, actions, logp_old, advantages, factor, args: Args)
             nn.utils.vector_to_parameters(theta_old + fraction * full_step, actor.parameters())
             dist = actor.distribution(obs)
             kl = torch.distributions.kl_divergence(dist_old, dist).mean().item()
-            improvement = ((torch.exp(dist.log_prob(actions) - logp_old) * factor * advantages).mean() - L_old).item()
+            improvement = (surrogate(dist) - L_old).item()
             if kl < args.kl_threshold and improvement > 0 and improvement / (fraction * predicted) > args.accept_ratio:
                 break
         else:  # no fraction accepted: restore the old parameters (the agent's ratio stays 1)
