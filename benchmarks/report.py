@@ -172,7 +172,7 @@ def milestones(configs: dict, window: int) -> list[dict]:
     rows = []
     for (script, env_id, flags), runs in sorted(configs.items()):
         for at in MILESTONES:  # over the seeds that reached the step (a run still under way joins as it gets there)
-            reached = [r for r in runs if len(r["steps"]) and r["steps"][-1] >= at]
+            reached = [r for r in runs if r.get("last_step", max(r["steps"], default=0)) >= at]  # anchors: no last_step
             if not reached:
                 break
             mean, std = mean_std([window_mean(r["steps"], r["returns"], at, window) for r in reached])

@@ -212,6 +212,20 @@ def test_report_milestone_counts_a_seed_under_way_only_once_it_reached_the_step(
     assert rows == [("2", 100_000, pytest.approx(-76.5)), ("1", 250_000, pytest.approx(-56.5))]
 
 
+def test_report_milestone_counts_a_seed_whose_last_lines_end_no_episode(tmp_path):
+    """A run at 250k steps whose last logged return is at 240k (no episode ended after it) reached 250k."""
+    write_run(tmp_path, 1, [-80.0 + i for i in range(24)])  # returns up to 240k steps
+    metrics = tmp_path / "happo_mpe__x__s1" / "runs" / "r" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + "\n" + json.dumps({"global_step": 250_000, "charts/SPS": 1000}))
+    out = tmp_path / "out"
+    report.main(
+        ["--results", str(tmp_path), "--out", str(out), "--anchors", str(tmp_path / "none"), "--window", "20000"]
+    )
+    rows = [(m["seeds"], int(m["step"]), float(m["return_mean"])) for m in csv.DictReader(open(out / "milestones.csv"))]
+    # 250k: the returns in (230k, 250k], -58 at 230k excluded: -57 at 240k
+    assert rows == [("1", 100_000, pytest.approx(-71.5)), ("1", 250_000, pytest.approx(-57.0))]
+
+
 def test_report_rejects_a_window_that_is_not_positive(capsys):
     with pytest.raises(SystemExit) as exit_info:
         report.parse_args(["--window", "0"])
