@@ -199,15 +199,18 @@ def test_report_milestones_average_the_seeds_that_reached_each_step_and_include_
     }
 
 
+def milestone_rows(results: Path) -> list[tuple]:
+    """(seeds, step, training return) of each row of milestones.csv for the runs in results, without anchors."""
+    out = results / "out"
+    report.main(["--results", str(results), "--out", str(out), "--anchors", str(results / "none"), "--window", "20000"])
+    return [(m["seeds"], int(m["step"]), float(m["return_mean"])) for m in csv.DictReader(open(out / "milestones.csv"))]
+
+
 def test_report_milestone_counts_a_seed_under_way_only_once_it_reached_the_step(tmp_path):
     write_run(tmp_path, 1, [-80.0 + i for i in range(30)])  # 300k steps, done
     write_run(tmp_path, 3, [-90.0 + i for i in range(15)])  # 150k steps, still running
     (tmp_path / "happo_mpe__x__s3" / "done").unlink()
-    out = tmp_path / "out"
-    report.main(
-        ["--results", str(tmp_path), "--out", str(out), "--anchors", str(tmp_path / "none"), "--window", "20000"]
-    )
-    rows = [(m["seeds"], int(m["step"]), float(m["return_mean"])) for m in csv.DictReader(open(out / "milestones.csv"))]
+    rows = milestone_rows(tmp_path)
     # 100k: seed 1 (-72, -71) and seed 3 (-82, -81); 250k: seed 1 alone (-57, -56)
     assert rows == [("2", 100_000, pytest.approx(-76.5)), ("1", 250_000, pytest.approx(-56.5))]
 
@@ -217,11 +220,7 @@ def test_report_milestone_counts_a_seed_whose_last_lines_end_no_episode(tmp_path
     write_run(tmp_path, 1, [-80.0 + i for i in range(24)])  # returns up to 240k steps
     metrics = tmp_path / "happo_mpe__x__s1" / "runs" / "r" / "metrics.jsonl"
     metrics.write_text(metrics.read_text() + "\n" + json.dumps({"global_step": 250_000, "charts/SPS": 1000}))
-    out = tmp_path / "out"
-    report.main(
-        ["--results", str(tmp_path), "--out", str(out), "--anchors", str(tmp_path / "none"), "--window", "20000"]
-    )
-    rows = [(m["seeds"], int(m["step"]), float(m["return_mean"])) for m in csv.DictReader(open(out / "milestones.csv"))]
+    rows = milestone_rows(tmp_path)
     # 250k: the returns in (230k, 250k], -58 at 230k excluded: -57 at 240k
     assert rows == [("1", 100_000, pytest.approx(-71.5)), ("1", 250_000, pytest.approx(-57.0))]
 
