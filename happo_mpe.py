@@ -1,10 +1,8 @@
 # HAPPO (Kuba et al., ICLR 2022, https://arxiv.org/abs/2109.11251) on cooperative MPE; docs: docs/happo_mpe.md
-import copy
 import importlib
 import json
 import math
 import os
-import random
 import re
 import shlex
 import signal
@@ -28,15 +26,12 @@ ENV_IDS = ("simple_spread_v3", "simple_reference_v3", "simple_speaker_listener_v
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
     seed: int = 1  # seed of the experiment
-    torch_deterministic: bool = True  # if toggled, `torch.backends.cudnn.deterministic=True`
-    cuda: bool = False  # if toggled, use CUDA when available (these small networks usually run faster on the CPU)
     torch_threads: int = 1  # torch.set_num_threads; 1 leaves the other cores to parallel runs (results depend on it)
     track: bool = False  # if toggled, log to Weights and Biases (respects WANDB_MODE, e.g. WANDB_MODE=offline)
     wandb_project_name: str = "marl-trust-region"  # the wandb project name
     wandb_entity: str | None = None  # the entity (team) of the wandb project
     capture_video: bool = False  # if toggled, evaluation writes a video of its first episode to runs/{run_name}/videos
-    save_model: bool = False  # checkpoint every save_interval iterations, at the end and on Ctrl-C; then evaluate
-    save_interval: int = 50  # iterations between two checkpoints
+    save_model: bool = False  # checkpoint after every iteration (resume with --resume), then evaluate at the end
     resume: str | None = None  # path of a checkpoint to continue training from (same env and architecture)
     eval_checkpoint: str | None = None  # path of a checkpoint to evaluate with deterministic actions; no training
     eval_episodes: int = 10  # episodes per evaluation (run in parallel, one env each)
@@ -79,26 +74,21 @@ def fail(message: str):
 
 
 ARG_RANGES = (  # (fields, test, what the error message says), checked by validate_args
-    ("num_envs num_steps total_timesteps num_minibatches critic_epochs max_cycles save_interval eval_episodes "
-     "torch_threads critic_learning_rate max_grad_norm huber_delta", lambda x: x > 0, "positive"),
+    ("num_envs num_steps total_timesteps num_minibatches critic_epochs max_cycles eval_episodes torch_threads "
+     "critic_learning_rate max_grad_norm huber_delta learning_rate ppo_epochs", lambda x: x > 0, "positive"),
+    ("hidden_sizes", lambda x: len(x) > 0 and min(x) > 0, "one or more positive sizes"),
     ("gamma gae_lambda clip_coef", lambda x: 0 < x <= 1, "in (0, 1]"),
-    ("eval_interval", lambda x: x >= 0, ">= 0"),
-    ("learning_rate ppo_epochs", lambda x: x > 0, "positive"),  # the fields of HAPPO's own update
-    ("ent_coef", lambda x: x >= 0, ">= 0"),
+    ("eval_interval ent_coef", lambda x: x >= 0, ">= 0"),
 )  # fmt: skip
 
 
 def validate_args(args: Args):
     if args.env_id not in ENV_IDS:
         fail(f"unknown --env-id {args.env_id!r}; valid ids: {', '.join(ENV_IDS)}")
-    if not args.exp_name or os.sep in args.exp_name:
-        fail(f"--exp-name {args.exp_name!r} must be a non-empty name without {os.sep!r} (it names files)")
     for names, in_range, expected in ARG_RANGES:
         for name in names.split():
             if not in_range(getattr(args, name)):
                 fail(f"--{name.replace('_', '-')} must be {expected}, got {getattr(args, name)}")
-    if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
-        fail(f"--hidden-sizes must be one or more positive sizes, got {args.hidden_sizes}")
     if args.batch_size % args.num_minibatches != 0:
         fail(f"batch of {args.batch_size} steps is not divisible by --num-minibatches {args.num_minibatches}")
     if args.batch_size < 2:
@@ -109,24 +99,20 @@ def validate_args(args: Args):
         fail("give either --resume or --eval-checkpoint, not both")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
 # Environment: one mpe2 parallel env as a gymnasium.Env, so gymnasium.vector can batch it
 class MPETeamEnv(gym.Env):
-    """Observation: Dict of the global state and each agent's observation; action: Tuple of per-agent actions;
-    reward: the team reward, the sum of the agents' rewards.
-
-    Drives mpe2's own env (`raw_env`) through its AEC cycle, as pettingzoo's parallel_env wrapper does, but without
-    the wrapper layers, which observe every agent twice per step; tests check it matches parallel_env exactly."""
+    """Dict of the state and each agent's observation, Tuple of the agents' actions, the sum of their rewards. Drives
+    mpe2's raw_env as pettingzoo's parallel_env does, minus wrappers that observe each agent twice (tests compare)."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
     def __init__(self, env_id: str, continuous_actions: bool, max_cycles: int, render_mode: str | None = None):
-        module = importlib.import_module(f"mpe2.{env_id}")
-        self.mpe_env = module.raw_env(
+        task = importlib.import_module(f"mpe2.{env_id}")
+        self.mpe_env = task.raw_env(
             max_cycles=max_cycles, continuous_actions=continuous_actions, render_mode=render_mode
         )
-        self.agents = self.mpe_env.possible_agents
-        self.render_mode = render_mode
+        self.agents, self.render_mode = self.mpe_env.possible_agents, render_mode
+        self.render, self.close = self.mpe_env.render, self.mpe_env.close  # gym.Env's hooks, served by mpe2's env
         self.observation_space = gym.spaces.Dict(
             {"state": self.mpe_env.state_space, **{a: self.mpe_env.observation_space(a) for a in self.agents}}
         )
@@ -134,8 +120,7 @@ class MPETeamEnv(gym.Env):
 
     def _observe(self) -> dict:
         obs = {a: self.mpe_env.observe(a) for a in self.agents}
-        # env.state() is the concatenation of the agents' observations: build it from them instead of recomputing
-        return {"state": np.concatenate([obs[a] for a in self.agents]), **obs}
+        return {"state": np.concatenate([obs[a] for a in self.agents]), **obs}  # = env.state(), not computed again
 
     def reset(self, seed=None, options=None):
         self.mpe_env.reset(seed=seed)
@@ -149,21 +134,11 @@ class MPETeamEnv(gym.Env):
         truncated = any(self.mpe_env.truncations.values()) and not terminated
         return self._observe(), float(team_reward), terminated, truncated, {}
 
-    def render(self):
-        return self.mpe_env.render()
 
-    def close(self):
-        self.mpe_env.close()
+def make_env(env_id: str, continuous_actions: bool, max_cycles: int, render_mode: str | None = None) -> Callable:
+    return lambda: MPETeamEnv(env_id, continuous_actions, max_cycles, render_mode)
 
 
-def make_env(env_id: str, continuous_actions: bool, max_cycles: int, render_mode: str | None = None):
-    def thunk():
-        return MPETeamEnv(env_id, continuous_actions, max_cycles, render_mode)
-
-    return thunk
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Networks (HARL's architecture: input LayerNorm, then [Linear, ReLU, LayerNorm] per hidden layer)
 def layer_init(layer, std=2**0.5, bias_const=0.0):
     torch.nn.init.orthogonal_(layer.weight, std)
@@ -237,23 +212,11 @@ class ValueNorm(nn.Module):
         var = (self.running_mean_sq / debias - mean**2).clamp(min=self.var_min)
         return mean, var.sqrt()
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        mean, std = self.mean_std()
-        return (x - mean) / std
 
-    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        mean, std = self.mean_std()
-        return x * std + mean
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Algorithm
 def compute_gae(rewards, values, next_values, terminations, dones, gamma: float, gae_lambda: float):
-    """Generalised advantage estimation over a (num_steps, num_envs) rollout.
-
-    next_values[t] is V(s_{t+1}) of the true next state, also when the episode ended at t (then it is the value of
-    the final state), so a truncated episode bootstraps from it; a termination zeroes it. dones = terminated or
-    truncated stops the recursion at the episode boundary. Returns the advantages and the returns (targets of V)."""
+    """Advantages and returns (targets of V) of a (num_steps, num_envs) rollout. next_values[t] = V(s_{t+1}) of the true
+    next state: a truncation bootstraps from it, a termination zeroes it, and dones stops the sum at an episode end."""
     advantages = torch.zeros_like(rewards)
     lastgaelam = torch.zeros_like(rewards[0])
     for t in reversed(range(rewards.shape[0])):
@@ -310,30 +273,25 @@ def critic_update(critic, optimizer, states, targets, old_values, args: Args, rn
     return total / (args.critic_epochs * args.num_minibatches)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
 # Harness: checkpoints, run folder, console, signals, evaluation. Boilerplate a researcher may skip.
 ARCHITECTURE_ARGS = ("env_id", "continuous_actions", "hidden_sizes")
 
 
 def restore(args: Args, parts: dict, rng: np.random.Generator) -> tuple[int, int]:
-    """Load the checkpoint of --resume (every part and the random generators) or --eval-checkpoint (the parts given),
-    failing with one line if it is unreadable or made by another script, env or architecture. Returns the global step
-    and iteration it was saved at; (0, 0) without a checkpoint."""
+    """Load --resume (all parts, random generators) or --eval-checkpoint (the parts given); returns the step counts."""
     path = args.resume or args.eval_checkpoint
     if path is None:
         return 0, 0
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        saved_args, made_by = checkpoint["args"], checkpoint.get("script")  # checkpoints of older code: no "script"
+        saved_args, made_by = checkpoint["args"], checkpoint["script"]
     except Exception as e:
         fail(f"cannot read checkpoint {path!r}: {type(e).__name__}: {e}")
-    if made_by not in (None, os.path.basename(__file__)) or set(saved_args) != set(vars(args)):
-        made_by = made_by or "arguments " + ", ".join(sorted(set(saved_args) ^ set(vars(args)))) + " differ"
+    if made_by != os.path.basename(__file__):
         fail(f"checkpoint {path!r} was made by another script ({made_by}); use that script")
     for name in ARCHITECTURE_ARGS:
-        if saved_args.get(name) != getattr(args, name):
-            fail(f"checkpoint {path!r} was made with {name}={saved_args.get(name)!r}, these args have "
-                 f"{name}={getattr(args, name)!r}; pass the same value")  # fmt: skip
+        if saved_args[name] != getattr(args, name):
+            fail(f"checkpoint {path!r} was made with {name}={saved_args[name]!r}, not {getattr(args, name)!r}")
     for name, part in parts.items():
         for target, state in zip(part, checkpoint[name]) if isinstance(part, list) else [(part, checkpoint[name])]:
             target.load_state_dict(state)
@@ -344,52 +302,39 @@ def restore(args: Args, parts: dict, rng: np.random.Generator) -> tuple[int, int
     return checkpoint["global_step"], checkpoint["iteration"]
 
 
-def snapshot(parts: dict, global_step: int, iteration: int, rng: np.random.Generator, args: Args) -> dict:
-    """A copy of everything --resume needs: the parts' states, the step counts, the random generators, the args."""
-    states = {name: [p.state_dict() for p in part] if isinstance(part, list) else part.state_dict()
-              for name, part in parts.items()}  # fmt: skip
-    counters = dict(global_step=global_step, iteration=iteration, rng=rng.bit_generator.state,
-                    torch_rng=torch.get_rng_state(), args=vars(args), script=os.path.basename(__file__))  # fmt: skip
-    return copy.deepcopy(states | counters)
-
-
-def save_checkpoint(checkpoint: dict, path: str):
-    """Write atomically: a crash never leaves a half-written checkpoint."""
+def save_checkpoint(path: str, parts: dict, global_step: int, iteration: int, rng: np.random.Generator, args: Args):
+    """Write all --resume needs (parts, step counts, random generators, args) atomically: never half a checkpoint."""
+    checkpoint = {name: [p.state_dict() for p in part] if isinstance(part, list) else part.state_dict()
+                  for name, part in parts.items()}  # fmt: skip
+    checkpoint |= dict(global_step=global_step, iteration=iteration, rng=rng.bit_generator.state,
+                       torch_rng=torch.get_rng_state(), args=vars(args), script=os.path.basename(__file__))  # fmt: skip
     torch.save(checkpoint, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
-def safe_name(name: str) -> str:
-    """A file name that pastes into a shell: characters other than letters, digits and ._=+- become _."""
-    return re.sub(r"[^\w.=+-]", "_", name)
-
-
 def start_run(args: Args, label: str, global_step: int, **notes) -> tuple[str, str, Callable]:
-    """Make the run folder (runs/{label}__{time}, or the checkpoint's on --resume) with args.json (args, command, notes)
-    and return it, the checkpoint path and log(metrics), which appends a line to metrics.jsonl and, with --track, logs
-    a W&B step. On --resume, metrics.jsonl loses the lines after the checkpoint's step and a line cut by a crash."""
+    """Make the run folder (the checkpoint's on --resume) with args.json; return it, the checkpoint path and log()."""
     if args.track:
         import wandb
 
         # without a terminal wandb cannot ask for its API key: check the login before making the folder
-        if os.environ.get("WANDB_MODE") not in ("offline", "disabled") and not sys.stdin.isatty():
-            if not wandb.login(prompt=False, verify=False):
-                fail("--track needs a W&B login: run `wandb login` once, or log offline with WANDB_MODE=offline")
+        online = os.environ.get("WANDB_MODE") not in ("offline", "disabled")
+        if online and not sys.stdin.isatty() and not wandb.login(prompt=False, verify=False):
+            fail("--track needs a W&B login: run `wandb login` once, or log offline with WANDB_MODE=offline")
+    unsafe = r"[^\w.=+-]"  # characters that become _ in file names, so that paths paste into a shell
     run_dir = os.path.dirname(os.path.abspath(args.resume)) if args.resume else None
-    run_dir = run_dir or os.path.join("runs", safe_name(f"{label}__{int(time.time())}"))
+    run_dir = run_dir or os.path.join("runs", re.sub(unsafe, "_", f"{label}__{int(time.time())}"))
     path = os.path.join(run_dir, "metrics.jsonl")
     try:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump({**vars(args), "command": " ".join(sys.argv), **notes}, f, indent=2)
-        if args.resume and os.path.exists(path):
-            kept = []
-            for number, line in enumerate(open(path).read().splitlines(), 1):
-                try:
-                    kept += [line + "\n"] if json.loads(line)["global_step"] <= global_step else []
-                except json.JSONDecodeError:
-                    print(f"warning: dropped line {number} of {path}, cut by a crash", file=sys.stderr)
-            open(path, "w").writelines(kept)
+        if args.resume and os.path.exists(path):  # keep the lines up to the checkpoint's step
+            lines = open(path).read().splitlines()
+            for number in [n for n, line in enumerate(lines, 1) if not line.endswith("}")]:
+                print(f"warning: dropped line {number} of {path}, cut by a crash", file=sys.stderr)
+            kept = [line for line in lines if line.endswith("}") and json.loads(line)["global_step"] <= global_step]
+            open(path, "w").writelines(line + "\n" for line in kept)
         metrics_file = open(path, "a")
     except OSError as e:
         fail(f"cannot write the run folder {run_dir!r} ({e.strerror}); run from a folder you can write to")
@@ -404,7 +349,7 @@ def start_run(args: Args, label: str, global_step: int, **notes) -> tuple[str, s
         if args.track:
             wandb.log(metrics, step=metrics["global_step"])
 
-    return run_dir, os.path.join(run_dir, safe_name(args.exp_name) + ".pt"), log
+    return run_dir, os.path.join(run_dir, re.sub(unsafe, "_", args.exp_name) + ".pt"), log
 
 
 def with_video(make: Callable, run_dir: str) -> Callable:
@@ -420,37 +365,19 @@ def progress_line(step: int, total: int, steps_per_second: float, episodes: str)
             f"ETA {eta // 3600}:{eta % 3600 // 60:02}:{eta % 60:02} | {episodes}")  # fmt: skip
 
 
-class Interrupts:
-    """Ctrl-C and SIGTERM raise KeyboardInterrupt(signal number), which stop() handles; inside `with interrupts:` only
-    at the end of the block. (pthread_sigmask would not hold them back: the OS may hand a signal to another thread.)"""
-
-    def __init__(self):
-        self.deferring, self.pending = False, None
-        signal.signal(signal.SIGINT, self.handle)
-        signal.signal(signal.SIGTERM, self.handle)
-
-    def handle(self, signum, frame):
-        if not self.deferring:
-            raise KeyboardInterrupt(signum)
-        self.pending = signum
-
-    def __enter__(self):
-        self.deferring = True
-
-    def __exit__(self, *exception):
-        self.deferring = False
-        if self.pending is not None:
-            raise KeyboardInterrupt(self.pending)
+def raise_interrupt(signum: int, frame):
+    """The handler of Ctrl-C and SIGTERM: KeyboardInterrupt(signal number), which ends training through stop()."""
+    raise KeyboardInterrupt(signum)
 
 
-def stop(reason: BaseException, global_step: int, checkpoint: dict | None, path: str):
-    """End training on Ctrl-C or SIGTERM (exit 128 + signal) or a NaN/inf (exit 1), saving the last good checkpoint."""
+def stop(reason: BaseException, global_step: int, checkpoint_path: str):
+    """End training on Ctrl-C or SIGTERM (exit 128 + signal) or a NaN/inf (exit 1), saying how to resume."""
     saved = "nothing saved (--save-model saves checkpoints)"
-    if checkpoint is not None:
-        save_checkpoint(checkpoint, path)
+    if os.path.exists(checkpoint_path):  # --save-model rewrites it after every finite update
         argv = [a for a, previous in zip(sys.argv, ["", *sys.argv]) if "--resume" not in (a.split("=")[0], previous)]
-        resume = shlex.join(["python", *argv, "--resume", path])  # this command, resuming from the checkpoint
-        saved = f"saved global_step={checkpoint['global_step']} to {path}; resume with: {resume}"
+        resume = shlex.join(["python", *argv, "--resume", checkpoint_path])  # this command, resuming from it
+        saved_step = torch.load(checkpoint_path, weights_only=False)["global_step"]
+        saved = f"{checkpoint_path} holds global_step={saved_step}; resume with: {resume}"
     if isinstance(reason, FloatingPointError):
         print(f"error: {reason} at global_step={global_step}; stopping, {saved}", file=sys.stderr)
         sys.exit(1)
@@ -460,29 +387,25 @@ def stop(reason: BaseException, global_step: int, checkpoint: dict | None, path:
 
 def env_action(action: torch.Tensor, space: gym.Space) -> np.ndarray:
     """The action sent to the env: Gaussian samples are stored unclipped and clipped to the bounds only here."""
-    action = action.cpu().numpy()
+    action = action.numpy()
     return np.clip(action, space.low, space.high) if isinstance(space, gym.spaces.Box) else action
 
 
 def env_seeds(seed: int, num_envs: int, purpose: int, step: int = 0) -> list[int]:
-    """One independent seed per env: numpy's SeedSequence gives every (run seed, purpose, step, env index) a stream of
-    its own, so runs with neighbouring seeds share no env (seeding env i with seed + i would). purpose 0: the training
-    envs, started at `step` (a resumed run starts fresh episodes instead of replaying its first ones); 1: evaluation."""
+    """One seed per env from its own SeedSequence stream (run seed, purpose, step, env index): neighbouring run seeds
+    share no env. purpose 0: the training envs, started at `step` (a resume starts fresh episodes); 1: evaluation."""
     sequence = np.random.SeedSequence(seed, spawn_key=(purpose, step))
     return [int(child.generate_state(1)[0]) for child in sequence.spawn(num_envs)]
 
 
-def evaluate(actors, agents: list[str], envs: gym.vector.VectorEnv, seeds: list[int], device) -> np.ndarray:
+def evaluate(actors, agents: list[str], envs: gym.vector.VectorEnv, seeds: list[int]) -> np.ndarray:
     """Team return of one episode per env with deterministic actions (argmax / Gaussian mean), all envs in parallel."""
     obs, _ = envs.reset(seed=seeds)
     returns, finished = np.zeros(envs.num_envs), np.zeros(envs.num_envs, dtype=bool)
     while not finished.all():
         with torch.no_grad():
-            actions = tuple(
-                env_action(actor.distribution(torch.as_tensor(obs[agent], device=device)).mode, space)
-                for actor, agent, space in zip(actors, agents, envs.single_action_space)
-            )
-        obs, rewards, terminated, truncated, _ = envs.step(actions)
+            modes = [actor.distribution(torch.as_tensor(obs[agent])).mode for actor, agent in zip(actors, agents)]
+        obs, rewards, terminated, truncated, _ = envs.step(tuple(map(env_action, modes, envs.single_action_space)))
         returns += np.where(finished, 0.0, rewards)
         finished |= terminated | truncated
     return returns
@@ -504,14 +427,11 @@ if __name__ == "__main__":
     validate_args(args)
 
     # seeding
-    random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.set_num_threads(args.torch_threads)
     torch.distributions.Distribution.set_default_validate_args(False)  # checks cost more than the tiny networks
     rng = np.random.default_rng(args.seed)  # agent orders and minibatch shuffles
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # env setup
     envs = gym.vector.SyncVectorEnv(
@@ -522,67 +442,56 @@ if __name__ == "__main__":
     num_agents, action_spaces = len(agents), list(envs.single_action_space)
     state_size = envs.single_observation_space["state"].shape[0]
 
-    def make_eval_envs(video: bool) -> gym.vector.SyncVectorEnv:
-        """One env per evaluation episode; with video, env 0 films its episode."""
-        modes = ["rgb_array" if video and i == 0 else None for i in range(args.eval_episodes)]
-        thunks = [make_env(args.env_id, args.continuous_actions, args.max_cycles, mode) for mode in modes]
-        return gym.vector.SyncVectorEnv([with_video(thunks[0], run_dir) if video else thunks[0], *thunks[1:]])
-
     # agent setup
-    actors = [
-        Actor(envs.single_observation_space[a].shape[0], space, args.hidden_sizes).to(device)
-        for a, space in zip(agents, action_spaces)
-    ]
-    critic = Critic(state_size, args.hidden_sizes).to(device)
-    value_norm = ValueNorm().to(device)
+    obs_sizes = [envs.single_observation_space[a].shape[0] for a in agents]
+    actors = [Actor(size, space, args.hidden_sizes) for size, space in zip(obs_sizes, action_spaces)]
+    critic = Critic(state_size, args.hidden_sizes)
+    value_norm = ValueNorm()
     actor_optimizers = [torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=1e-5) for actor in actors]
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5)
 
     # ----- boilerplate a researcher may skip: resume, run folder, logging, evaluation -----
     parts = dict(actors=actors, actor_optimizers=actor_optimizers, critic=critic,
                  critic_optimizer=critic_optimizer, value_norm=value_norm)  # fmt: skip
-    global_step, iteration = restore(args, parts if args.resume else dict(actors=actors), rng)
+    global_step, start_iteration = restore(args, parts if args.resume else dict(actors=actors), rng)
     run_dir, checkpoint_path, log = start_run(args, f"{args.env_id}__{args.exp_name}__{args.seed}", global_step)
     total = args.num_iterations * args.batch_size
-    print(f"run folder {run_dir}: {total:,} steps, on {device} with {torch.get_num_threads()} torch thread(s)")
+    print(f"run folder {run_dir}: {total:,} steps, on the CPU with {torch.get_num_threads()} torch thread(s)")
 
-    def evaluate_and_log(eval_envs: gym.vector.VectorEnv | None = None):
-        """Evaluate at global_step on the given envs, or on new ones, then closed (which writes the video)."""
-        envs_now = make_eval_envs(args.capture_video) if eval_envs is None else eval_envs
-        returns = evaluate(actors, agents, envs_now, env_seeds(args.seed, args.eval_episodes, purpose=1), device)
+    def evaluate_and_log(video: bool = False):
+        """Deterministic evaluation at global_step, one env per episode; with video, env 0 films its episode."""
+        modes = ["rgb_array" if video and i == 0 else None for i in range(args.eval_episodes)]
+        thunks = [make_env(args.env_id, args.continuous_actions, args.max_cycles, mode) for mode in modes]
+        eval_envs = gym.vector.SyncVectorEnv([with_video(thunks[0], run_dir) if video else thunks[0], *thunks[1:]])
+        returns = evaluate(actors, agents, eval_envs, env_seeds(args.seed, args.eval_episodes, purpose=1))
+        eval_envs.close()  # (writes the video)
         print(f"eval/episodic_return={returns.mean():.2f} +- {returns.std():.2f} over {len(returns)} episodes")
         log({"global_step": global_step, "eval/episodic_return": returns.mean(),
              "eval/episodic_return_std": returns.std()})  # fmt: skip
-        if eval_envs is None:
-            envs_now.close()
 
     if args.eval_checkpoint:
-        evaluate_and_log()
+        evaluate_and_log(args.capture_video)
         sys.exit(0)
-    periodic_eval_envs = make_eval_envs(video=False) if args.eval_interval else None
-    interrupts = Interrupts()  # Ctrl-C and SIGTERM: stop() saves the last good checkpoint and says how to resume
+    signal.signal(signal.SIGINT, raise_interrupt)  # Ctrl-C and SIGTERM: stop() says what was saved, how to resume
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    if args.save_model:  # rewritten after every finite update: what --resume continues from after a stop
+        save_checkpoint(checkpoint_path, parts, global_step, start_iteration, rng, args)
     # ----- end of boilerplate -----
 
-    # rollout storage: one tensor per agent (observation and action sizes may differ between agents)
+    # rollout storage, one tensor per agent (their sizes may differ); values are in the value normaliser's units
     T, E = args.num_steps, args.num_envs
-    obs = [torch.zeros((T, E) + envs.single_observation_space[a].shape, device=device) for a in agents]
-    actions = [
-        torch.zeros((T, E) + space.shape, device=device, dtype=torch.long if space.shape == () else torch.float)
-        for space in action_spaces
-    ]
-    logprobs = [torch.zeros((T, E), device=device) for _ in agents]
-    states = torch.zeros((T, E, state_size), device=device)
-    # values and next_values are the critic's outputs, in the value normaliser's units
-    rewards, values, next_values, terminations, dones = (torch.zeros((T, E), device=device) for _ in range(5))
+    obs = [torch.zeros((T, E, size)) for size in obs_sizes]
+    actions = [torch.zeros((T, E) + s.shape, dtype=torch.long if s.shape == () else torch.float) for s in action_spaces]
+    logprobs = [torch.zeros((T, E)) for _ in agents]
+    states = torch.zeros((T, E, state_size))
+    rewards, values, next_values, terminations, dones = (torch.zeros((T, E)) for _ in range(5))
 
     # start the game
     next_obs, _ = envs.reset(seed=env_seeds(args.seed, E, purpose=0, step=global_step))
     episode_returns, episode_lengths = np.zeros(E), np.zeros(E, dtype=int)
-    last_good_checkpoint = snapshot(parts, global_step, iteration, rng, args) if args.save_model else None
     start_time, start_step, episodes = time.time(), global_step, "no episode has ended yet"
     try:
-        while iteration < args.num_iterations:
-            iteration += 1
+        for iteration in range(start_iteration + 1, args.num_iterations + 1):
             if args.anneal_lr:
                 frac = 1.0 - (iteration - 1.0) / args.num_iterations
                 for opt in actor_optimizers:
@@ -592,33 +501,31 @@ if __name__ == "__main__":
             # rollout
             finished_returns, finished_lengths = [], []
             with torch.no_grad():
-                next_state = torch.as_tensor(next_obs["state"], device=device)
+                next_state = torch.as_tensor(next_obs["state"])
                 next_value = critic(next_state)
                 for step in range(T):
                     global_step += E
                     states[step] = next_state
                     values[step] = next_value
-                    env_actions = []
                     for i, agent in enumerate(agents):
-                        obs[i][step] = torch.as_tensor(next_obs[agent], device=device)
+                        obs[i][step] = torch.as_tensor(next_obs[agent])
                         dist = actors[i].distribution(obs[i][step])
                         actions[i][step] = dist.sample()
                         logprobs[i][step] = dist.log_prob(actions[i][step])
-                        env_actions.append(env_action(actions[i][step], action_spaces[i]))
-
-                    next_obs, reward, terminated, truncated, infos = envs.step(tuple(env_actions))
+                    env_actions = tuple(env_action(a[step], space) for a, space in zip(actions, action_spaces))
+                    next_obs, reward, terminated, truncated, infos = envs.step(env_actions)
                     done = terminated | truncated
-                    rewards[step] = torch.as_tensor(reward, device=device)
-                    terminations[step] = torch.as_tensor(terminated, device=device)
-                    dones[step] = torch.as_tensor(done, device=device)
-                    next_state = torch.as_tensor(next_obs["state"], device=device)
+                    rewards[step] = torch.as_tensor(reward)
+                    terminations[step] = torch.as_tensor(terminated)
+                    dones[step] = torch.as_tensor(done)
+                    next_state = torch.as_tensor(next_obs["state"])
                     next_value = critic(next_state)
                     # V(s_{t+1}) of the true next state: where an episode ended, its final state, not the reset one
                     next_values[step] = next_value
                     if done.any():
                         ended = np.flatnonzero(done)
                         final_states = np.stack([infos["final_obs"][j]["state"] for j in ended])
-                        next_values[step, ended] = critic(torch.as_tensor(final_states, device=device))
+                        next_values[step, ended] = critic(torch.as_tensor(final_states))
 
                     episode_returns += reward
                     episode_lengths += 1
@@ -627,16 +534,16 @@ if __name__ == "__main__":
                     episode_returns[done], episode_lengths[done] = 0.0, 0
 
                 # advantages from the de-normalised values of the centralised critic
-                values_denormalized = value_norm.denormalize(values)
-                advantages, returns = compute_gae(rewards, values_denormalized, value_norm.denormalize(next_values),
+                mean, std = value_norm.mean_std()
+                values_denormalized = values * std + mean
+                advantages, returns = compute_gae(rewards, values_denormalized, next_values * std + mean,
                                                   terminations, dones, args.gamma, args.gae_lambda)  # fmt: skip
 
             # flatten the batch
-            b_obs = [o.reshape((-1,) + o.shape[2:]) for o in obs]
-            b_actions = [a.reshape((-1,) + a.shape[2:]) for a in actions]
-            b_logprobs = [lp.reshape(-1) for lp in logprobs]
-            b_advantages = advantages.reshape(-1)
-            b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std() + 1e-5)
+            b_obs = [o.flatten(0, 1) for o in obs]
+            b_actions = [a.flatten(0, 1) for a in actions]
+            b_logprobs = [lp.flatten() for lp in logprobs]
+            b_advantages = ((advantages - advantages.mean()) / (advantages.std() + 1e-5)).reshape(-1)
 
             # sequential update in a fresh random order: agent i_m maximises its surrogate objective times the factor
             # M = prod_{j<m} pi_new^{i_j} / pi_old^{i_j} of the agents updated before it (detached; --no-sequential: 1)
@@ -653,17 +560,14 @@ if __name__ == "__main__":
             # critic: normalise the targets with statistics that include this batch, then fit V(s)
             b_returns = returns.reshape(-1)
             value_norm.update(b_returns)
-            b_states, b_targets = states.reshape(-1, state_size), value_norm.normalize(b_returns)
+            mean, std = value_norm.mean_std()
+            b_states, b_targets = states.reshape(-1, state_size), (b_returns - mean) / std
             value_loss = critic_update(critic, critic_optimizer, b_states, b_targets, values.reshape(-1), args, rng)
 
             # logging
             sps = int((global_step - start_step) / (time.time() - start_time))
-            metrics = {
-                "global_step": global_step,
-                "charts/SPS": sps,
-                "charts/learning_rate": actor_optimizers[0].param_groups[0]["lr"],
-                "losses/value_loss": value_loss,
-            }
+            metrics = {"global_step": global_step, "charts/SPS": sps, "losses/value_loss": value_loss,
+                       "charts/learning_rate": actor_optimizers[0].param_groups[0]["lr"]}  # fmt: skip
             var_returns = b_returns.var().item()
             if var_returns > 0:
                 residual_var = (b_returns - values_denormalized.reshape(-1)).var().item()
@@ -671,30 +575,25 @@ if __name__ == "__main__":
             if finished_returns:
                 metrics["charts/episodic_return"] = float(np.mean(finished_returns))
                 metrics["charts/episodic_length"] = float(np.mean(finished_lengths))
-            for i in range(num_agents):
-                metrics.update({f"agent{i}/{name}": value for name, value in stats[i].items()})
-            check_finite(metrics, {**{f"agent{i}": actor for i, actor in enumerate(actors)}, "critic": critic})
-            if finished_returns:
                 ended = f"{len(finished_returns)} episodes ended by step {global_step:,}"
                 episodes = f"episodic_return={metrics['charts/episodic_return']:.2f} ({ended})"
-            with interrupts:  # a signal waits until this step's metrics line, evaluation and checkpoint are written
-                log(metrics)
-                print(progress_line(global_step, total, sps, episodes))
-                # evaluate each time global_step passes a multiple of eval_interval (at the end, --save-model does)
-                saved_and_evaluated_below = args.save_model and iteration == args.num_iterations
-                if args.eval_interval and global_step % args.eval_interval < E * T and not saved_and_evaluated_below:
-                    evaluate_and_log(periodic_eval_envs)
-                if args.save_model:  # the state after a finite update: what an interrupt or a later NaN saves
-                    last_good_checkpoint = snapshot(parts, global_step, iteration, rng, args)
-                    if iteration % args.save_interval == 0 or iteration == args.num_iterations:
-                        save_checkpoint(last_good_checkpoint, checkpoint_path)
+            metrics |= {f"agent{i}/{name}": value for i in range(num_agents) for name, value in stats[i].items()}
+            check_finite(metrics, {**{f"agent{i}": actor for i, actor in enumerate(actors)}, "critic": critic})
+            log(metrics)
+            print(progress_line(global_step, total, sps, episodes))
+            # evaluate each time global_step passes a multiple of eval_interval (at the end, --save-model does)
+            saved_and_evaluated_below = args.save_model and iteration == args.num_iterations
+            if args.eval_interval and global_step % args.eval_interval < E * T and not saved_and_evaluated_below:
+                evaluate_and_log()
+            if args.save_model:
+                save_checkpoint(checkpoint_path, parts, global_step, iteration, rng, args)
     except (KeyboardInterrupt, FloatingPointError) as reason:
-        stop(reason, global_step, last_good_checkpoint, checkpoint_path)
+        stop(reason, global_step, checkpoint_path)
     envs.close()
 
     if args.save_model:
         print(f"model saved to {checkpoint_path}")
-        evaluate_and_log()
+        evaluate_and_log(args.capture_video)
     if args.track:
         import wandb
 

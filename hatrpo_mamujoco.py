@@ -1,11 +1,9 @@
 # HATRPO (Kuba et al., ICLR 2022, https://arxiv.org/abs/2109.11251) on MaMuJoCo; docs: docs/mamujoco.md
 import contextlib
-import copy
 import io
 import json
 import math
 import os
-import random
 import re
 import shlex
 import signal
@@ -26,27 +24,17 @@ from torch.distributions import Categorical, Independent, Normal
 with contextlib.redirect_stderr(io.StringIO()):  # gymnasium_robotics prints a notice about its Adroit envs on import
     from gymnasium_robotics import mamujoco_v1
 
-# mamujoco_v1's scenarios and the agent partitions it defines for each; the ManySegment robots take any "NxK" (N agents
-# of K segments). mamujoco_v1 1.4.2 also lists CoupledHalfCheetah-1p1, which fails inside mamujoco_v1 when built.
+# mamujoco_v1's scenarios and partitions, ManySegment robots taking any "NxK" (N agents of K segments); we leave out
+# CoupledHalfCheetah-1p1, which mamujoco_v1 1.4.2 lists but fails to build
 PARTITIONS = {
-    "Ant": ("2x4", "2x4d", "4x2"),
-    "HalfCheetah": ("2x3", "6x1"),
-    "Hopper": ("3x1",),
-    "Humanoid": ("9|8",),
-    "HumanoidStandup": ("9|8",),
-    "Pusher": ("3p",),
-    "Reacher": ("2x1",),
-    "Swimmer": ("2x1",),
-    "Walker2d": ("2x3",),
-    "ManySegmentSwimmer": ("NxK",),
-    "ManySegmentAnt": ("NxK",),
-}
-# Partitions the papers used that mamujoco_v1 lacks, built from its own joints and edges through its agent_factorization
-# argument: each agent's joints (mamujoco_v1's labels), agents separated by "|", in agent order
-HUMANOID_17X1 = (
-    "left_shoulder1 | left_shoulder2 | abdomen_x | abdomen_y | abdomen_z | right_shoulder1 | right_shoulder2 | "
-    "right_elbow | left_elbow | left_hip_x | left_hip_y | left_hip_z | right_hip_x | right_hip_y | right_hip_z | "
-    "right_knee | left_knee"
+    "Ant": ("2x4", "2x4d", "4x2"), "HalfCheetah": ("2x3", "6x1"), "Hopper": ("3x1",), "Humanoid": ("9|8",),
+    "HumanoidStandup": ("9|8",), "Pusher": ("3p",), "Reacher": ("2x1",), "Swimmer": ("2x1",), "Walker2d": ("2x3",),
+    "ManySegmentSwimmer": ("NxK",), "ManySegmentAnt": ("NxK",),
+}  # fmt: skip
+# Partitions the papers used that mamujoco_v1 lacks: each agent's joints (mamujoco_v1's labels), agents split by "|"
+HUMANOID_17X1 = " | ".join(  # one joint per agent
+    "left_shoulder1 left_shoulder2 abdomen_x abdomen_y abdomen_z right_shoulder1 right_shoulder2 right_elbow "
+    "left_elbow left_hip_x left_hip_y left_hip_z right_hip_x right_hip_y right_hip_z right_knee left_knee".split()
 )
 FACTORIZATIONS = {
     "Ant-8x1": "hip1 | ankle1 | hip2 | ankle2 | hip3 | ankle3 | hip4 | ankle4",
@@ -56,18 +44,16 @@ FACTORIZATIONS = {
     "Humanoid-17x1": HUMANOID_17X1,
     "HumanoidStandup-17x1": HUMANOID_17X1,
 }
-ENV_IDS = tuple(f"{scenario}-{partition}" for scenario, partitions in PARTITIONS.items() for partition in partitions)
-ENV_IDS += tuple(FACTORIZATIONS)
+ENV_IDS = (*(f"{scenario}-{p}" for scenario, partitions in PARTITIONS.items() for p in partitions), *FACTORIZATIONS)
 
-# HARL's tuned values per task (its tuned_configs/mamujoco, gym v2 models), where they differ from the defaults of Args;
-# ids without an entry run with those defaults
+# HARL's tuned values per task where they differ from the defaults of Args (its tuned_configs/mamujoco, gym v2 models)
 TUNED = {
     "Ant-4x2": dict(kl_threshold=0.005),
     "HalfCheetah-2x3": dict(kl_threshold=0.01),
     "Hopper-3x1": dict(kl_threshold=0.001),
     "Walker2d-2x3": dict(kl_threshold=0.01),
     "Walker2d-6x1": dict(kl_threshold=0.005),
-}
+}  # fmt: skip
 TUNED["Ant-2x4"] = TUNED["Ant-4x2"]  # HARL did not tune Ant-2x4: the nearest tuned task
 
 
@@ -75,15 +61,12 @@ TUNED["Ant-2x4"] = TUNED["Ant-4x2"]  # HARL did not tune Ant-2x4: the nearest tu
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
     seed: int = 1  # seed of the experiment
-    torch_deterministic: bool = True  # if toggled, `torch.backends.cudnn.deterministic=True`
-    cuda: bool = False  # if toggled, use CUDA when available (these small networks usually run faster on the CPU)
     torch_threads: int = 1  # torch.set_num_threads; 1 leaves the other cores to parallel runs (results depend on it)
     track: bool = False  # if toggled, log to Weights and Biases (respects WANDB_MODE, e.g. WANDB_MODE=offline)
     wandb_project_name: str = "marl-trust-region"  # the wandb project name
     wandb_entity: str | None = None  # the entity (team) of the wandb project
     capture_video: bool = False  # if toggled, evaluation writes a video of its first episode to runs/{run_name}/videos
-    save_model: bool = False  # checkpoint every save_interval iterations, at the end and on Ctrl-C; then evaluate
-    save_interval: int = 50  # iterations between two checkpoints
+    save_model: bool = False  # checkpoint after every iteration (resume with --resume), then evaluate at the end
     resume: str | None = None  # path of a checkpoint to continue training from (same env and architecture)
     eval_checkpoint: str | None = None  # path of a checkpoint to evaluate with deterministic actions; no training
     eval_episodes: int = 10  # episodes per evaluation (run in parallel, one env each)
@@ -94,11 +77,9 @@ class Args:
     """Scenario-Partition: Ant-2x4, Ant-2x4d, Ant-4x2, Ant-8x1, HalfCheetah-2x3, HalfCheetah-3x2, HalfCheetah-6x1,
     Hopper-3x1, Humanoid-9|8, Humanoid-17x1, HumanoidStandup-9|8, HumanoidStandup-17x1, Pusher-3p, Reacher-2x1,
     Swimmer-2x1, Walker2d-2x3, Walker2d-3x2, Walker2d-6x1, ManySegmentSwimmer-NxK, ManySegmentAnt-NxK (N agents of K
-    segments). The ids with an entry in this script's TUNED run with HARL's tuned values (Ant-2x4 with Ant-4x2's),
-    other ids with the defaults below; a flag given on the command line wins"""
-    agent_obsk: int | None = None
-    """None: every agent observes the full state and its one-hot id (the papers); K: mamujoco_v1's local observations
-    of the joints within K hops"""
+    segments). Ids in this script's TUNED run with HARL's tuned values (Ant-2x4 with Ant-4x2's), others with the
+    defaults below; a flag given on the command line wins"""
+    agent_obsk: int | None = None  # None: each agent sees the full state and its one-hot id; K: joints within K hops
     async_envs: bool = False  # step the envs in subprocesses (gymnasium.vector.AsyncVectorEnv), not in this process
     total_timesteps: int = 10_000_000  # env steps in all (one per env per vector step, all agents acting at once)
     num_envs: int = 20  # the number of parallel environments
@@ -136,45 +117,33 @@ def fail(message: str):
 
 
 def apply_tuned_values(args: Args, argv: list[str], tuned: dict) -> dict:
-    """Set each field of `tuned` (a task's entry of TUNED) that the command line argv did not give: an explicit flag
-    always wins, also when it equals a general default. Returns the values it set."""
+    """Set the fields of `tuned` (a TUNED entry) that argv does not give, as a flag given wins. Returns those set."""
     given = {flag.split("=")[0][2:].removeprefix("no-").replace("-", "_") for flag in argv if flag.startswith("--")}
     applied = {name: value for name, value in tuned.items() if name not in given}
-    for name, value in applied.items():
-        setattr(args, name, value)
+    vars(args).update(applied)
     return applied
 
 
 ARG_RANGES = (  # (fields, test, what the error message says), checked by validate_args
-    ("num_envs num_steps total_timesteps num_minibatches critic_epochs save_interval eval_episodes torch_threads "
-     "critic_learning_rate max_grad_norm huber_delta", lambda x: x > 0, "positive"),
-    ("gamma gae_lambda clip_coef", lambda x: 0 < x <= 1, "in (0, 1]"),
-    ("eval_interval", lambda x: x >= 0, ">= 0"),
-    ("kl_threshold ls_steps cg_iters", lambda x: x > 0, "positive"),  # the fields of HATRPO's own update
-    ("backtrack_coef", lambda x: 0 < x <= 1, "in (0, 1]"),
-    ("accept_ratio cg_damping", lambda x: x >= 0, ">= 0"),
+    ("num_envs num_steps total_timesteps num_minibatches critic_epochs eval_episodes torch_threads "
+     "critic_learning_rate max_grad_norm huber_delta kl_threshold ls_steps cg_iters", lambda x: x > 0, "positive"),
+    ("hidden_sizes", lambda x: len(x) > 0 and min(x) > 0, "one or more positive sizes"),
+    ("gamma gae_lambda clip_coef backtrack_coef", lambda x: 0 < x <= 1, "in (0, 1]"),
+    ("eval_interval accept_ratio cg_damping", lambda x: x >= 0, ">= 0"),
 )  # fmt: skip
 
 
 def validate_args(args: Args):
     scenario, _, partition = args.env_id.rpartition("-")
-    partitions = PARTITIONS.get(scenario, ())
-    if partitions == ("NxK",):  # any N agents of K segments
-        known = re.fullmatch(r"[1-9]\d*x[1-9]\d*", partition) is not None
-    else:
-        known = partition in partitions or args.env_id in FACTORIZATIONS
-    if not known:
+    many_segments = PARTITIONS.get(scenario) == ("NxK",)  # the ManySegment robots: any N agents of K segments
+    if not (re.fullmatch(r"[1-9]\d*x[1-9]\d*", partition) if many_segments else args.env_id in ENV_IDS):
         fail(f"unknown --env-id {args.env_id!r} (Scenario-Partition); valid ids: {', '.join(ENV_IDS)}")
     if args.agent_obsk is not None and args.agent_obsk < 0:
         fail(f"--agent-obsk must be >= 0 (joints within K hops) or None (the full state), got {args.agent_obsk}")
-    if not args.exp_name or os.sep in args.exp_name:
-        fail(f"--exp-name {args.exp_name!r} must be a non-empty name without {os.sep!r} (it names files)")
     for names, in_range, expected in ARG_RANGES:
         for name in names.split():
             if not in_range(getattr(args, name)):
                 fail(f"--{name.replace('_', '-')} must be {expected}, got {getattr(args, name)}")
-    if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
-        fail(f"--hidden-sizes must be one or more positive sizes, got {args.hidden_sizes}")
     if args.batch_size % args.num_minibatches != 0:
         fail(f"batch of {args.batch_size} steps is not divisible by --num-minibatches {args.num_minibatches}")
     if args.batch_size < 2:
@@ -185,11 +154,9 @@ def validate_args(args: Args):
         fail("give either --resume or --eval-checkpoint, not both")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
 # Environment: one mamujoco_v1 parallel env as a gymnasium.Env, so gymnasium.vector can batch it
 def agent_factorization(env_id: str) -> dict | None:
-    """mamujoco_v1's agent_factorization for an id of FACTORIZATIONS (its own joint nodes, edges and global nodes for
-    the scenario, grouped into agents by the table); None for the partitions mamujoco_v1 defines itself."""
+    """mamujoco_v1's agent_factorization (its own joints, edges and globals) for an id of FACTORIZATIONS, else None."""
     if env_id not in FACTORIZATIONS:
         return None
     scenario = env_id.rpartition("-")[0]
@@ -205,89 +172,70 @@ def standardize(x: np.ndarray) -> np.ndarray:
 
 
 class MaMuJoCoTeamEnv(gym.Env):
-    """Observation: Dict of the global state and each agent's observation; action: Tuple of per-agent joint torques;
-    reward: the team reward (the robot's reward, shared by all agents). Each vector is standardised over its features.
-
-    agent_obsk=None (default): each agent observes the full state and its one-hot id, as in the papers and HARL. The env
-    then steps the single-agent MuJoCo v5 env under mamujoco_v1 directly, with mamujoco_v1's own mapping of agent
-    actions to joints, and skips building the local observations nobody reads. agent_obsk=K: mamujoco_v1's local
-    observation of the joints within K hops of each agent's own."""
+    """Dict of the state and each agent's observation (each standardised), Tuple of the agents' torques, the robot's
+    reward. agent_obsk=None (papers, HARL): each agent sees the full state and its one-hot id, and the env steps the
+    MuJoCo v5 robot directly, skipping local observations; agent_obsk=K: mamujoco_v1's, of joints within K hops."""
 
     def __init__(self, env_id: str, agent_obsk: int | None, render_mode: str | None = None):
-        scenario, _, partition = env_id.rpartition("-")
         # MuJoCo warns "settotalmass is deprecated" for every robot model built from mamujoco_v1's XML: drop just that
         mujoco.set_mju_user_warning(
             lambda text: None if "settotalmass" in text else print(f"WARNING: {text}", file=sys.stderr)
         )
         if render_mode is not None:
             os.environ.setdefault("MUJOCO_GL", "egl")  # render without a display, unless MUJOCO_GL says otherwise
+        scenario, _, partition = env_id.rpartition("-")
+        obsk = 1 if agent_obsk is None else agent_obsk  # agent_obsk=None reads no local observations: any K will do
+        factorization = agent_factorization(env_id)
         self.ma_env = mamujoco_v1.parallel_env(
-            scenario,
-            partition,
-            agent_obsk=1 if agent_obsk is None else agent_obsk,
-            agent_factorization=agent_factorization(env_id),
-            render_mode=render_mode,
+            scenario, partition, agent_obsk=obsk, agent_factorization=factorization, render_mode=render_mode
         )
         self.robot = self.ma_env.single_agent_env  # MuJoCo v5 env with its 1000-step time limit
         self.agent_obsk, self.agents, self.render_mode = agent_obsk, self.ma_env.possible_agents, render_mode
         self.metadata = {"render_modes": ["rgb_array"], "render_fps": self.robot.metadata["render_fps"]}
+        self.render, self.close = self.ma_env.render, self.ma_env.close  # gym.Env's render() and close(), delegated
         # each agent's joints: indices of its actions in the robot's action vector (mamujoco_v1's partition)
         self.joints = [np.array([node.act_ids for node in part]) for part in self.ma_env.agent_action_partitions]
         state_size = self.robot.observation_space.shape[0]
-        obs_sizes = [
-            state_size + len(self.agents) if agent_obsk is None else self.ma_env.observation_space(a).shape[0]
-            for a in self.agents
-        ]
-        sizes = {"state": state_size, **dict(zip(self.agents, obs_sizes))}
-        self.observation_space = gym.spaces.Dict(
-            {key: gym.spaces.Box(-np.inf, np.inf, (size,), np.float32) for key, size in sizes.items()}
-        )
+        sizes = {"state": state_size}
+        for a in self.agents:  # the full state and its one-hot id, or mamujoco_v1's local observation
+            local_size = self.ma_env.observation_space(a).shape[0]
+            sizes[a] = state_size + len(self.agents) if agent_obsk is None else local_size
+        boxes = {key: gym.spaces.Box(-np.inf, np.inf, (size,), np.float32) for key, size in sizes.items()}
+        self.observation_space = gym.spaces.Dict(boxes)
         self.action_space = gym.spaces.Tuple([self.ma_env.action_space(a) for a in self.agents])
 
     def robot_action(self, action) -> np.ndarray:
         """The agents' actions placed on the robot's joints."""
         robot_action = np.zeros(self.robot.action_space.shape)
-        for joints, agent_action in zip(self.joints, action):
-            robot_action[joints] = agent_action
+        robot_action[np.concatenate(self.joints)] = np.concatenate(action)
         return robot_action
 
-    def _observe(self, state: np.ndarray, local_obs: dict | None) -> dict:
-        if local_obs is None:  # the full state and a one-hot agent id
-            agent_obs = [np.concatenate([state, one_hot]) for one_hot in np.eye(len(self.agents))]
-        else:
-            agent_obs = [local_obs[a] for a in self.agents]
-        return {"state": standardize(state), **{a: standardize(o) for a, o in zip(self.agents, agent_obs)}}
+    def _observe(self, state: np.ndarray, agent_obs: dict | None = None) -> dict:
+        if agent_obs is None:  # each agent observes the full state and its one-hot id
+            one_hots = np.eye(len(self.agents))
+            agent_obs = {a: np.concatenate([state, one_hots[i]]) for i, a in enumerate(self.agents)}
+        return {"state": standardize(state), **{a: standardize(agent_obs[a]) for a in self.agents}}
 
     def reset(self, seed=None, options=None):
         if self.agent_obsk is None:
             state, _ = self.robot.reset(seed=seed)
-            return self._observe(state, None), {}
+            return self._observe(state), {}
         local_obs, _ = self.ma_env.reset(seed=seed)
         return self._observe(self.ma_env.state(), local_obs), {}
 
     def step(self, action):
         if self.agent_obsk is None:
             state, reward, terminated, truncated, _ = self.robot.step(self.robot_action(action))
-            return self._observe(state, None), float(reward), terminated, truncated, {}
+            return self._observe(state), float(reward), terminated, truncated, {}
         local_obs, rewards, terminations, truncations, _ = self.ma_env.step(dict(zip(self.agents, action)))
         state, first = self.ma_env.state(), self.agents[0]  # every agent gets the same reward and episode end
         return self._observe(state, local_obs), rewards[first], terminations[first], truncations[first], {}
 
-    def render(self):
-        return self.ma_env.render()
-
-    def close(self):
-        self.ma_env.close()
-
 
 def make_env(env_id: str, agent_obsk: int | None, render_mode: str | None = None):
-    def thunk():
-        return MaMuJoCoTeamEnv(env_id, agent_obsk, render_mode)
-
-    return thunk
+    return lambda: MaMuJoCoTeamEnv(env_id, agent_obsk, render_mode)  # gymnasium.vector builds each env from a thunk
 
 
-# ----------------------------------------------------------------------------------------------------------------------
 # Networks (HARL's architecture: input LayerNorm, then [Linear, ReLU, LayerNorm] per hidden layer)
 def layer_init(layer, std=2**0.5, bias_const=0.0):
     torch.nn.init.orthogonal_(layer.weight, std)
@@ -361,23 +309,11 @@ class ValueNorm(nn.Module):
         var = (self.running_mean_sq / debias - mean**2).clamp(min=self.var_min)
         return mean, var.sqrt()
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        mean, std = self.mean_std()
-        return (x - mean) / std
 
-    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        mean, std = self.mean_std()
-        return x * std + mean
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Algorithm
 def compute_gae(rewards, values, next_values, terminations, dones, gamma: float, gae_lambda: float):
-    """Generalised advantage estimation over a (num_steps, num_envs) rollout.
-
-    next_values[t] is V(s_{t+1}) of the true next state, also when the episode ended at t (then it is the value of
-    the final state), so a truncated episode bootstraps from it; a termination zeroes it. dones = terminated or
-    truncated stops the recursion at the episode boundary. Returns the advantages and the returns (targets of V)."""
+    """Advantages and returns (targets of V) of a (num_steps, num_envs) rollout. next_values[t] = V(s_{t+1}) of the true
+    next state: a truncation bootstraps from it, a termination zeroes it, and dones stops the sum at an episode end."""
     advantages = torch.zeros_like(rewards)
     lastgaelam = torch.zeros_like(rewards[0])
     for t in reversed(range(rewards.shape[0])):
@@ -480,30 +416,25 @@ def critic_update(critic, optimizer, states, targets, old_values, args: Args, rn
     return total / (args.critic_epochs * args.num_minibatches)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
 # Harness: checkpoints, run folder, console, signals, evaluation. Boilerplate a researcher may skip.
 ARCHITECTURE_ARGS = ("env_id", "agent_obsk", "hidden_sizes")
 
 
 def restore(args: Args, parts: dict, rng: np.random.Generator) -> tuple[int, int]:
-    """Load the checkpoint of --resume (every part and the random generators) or --eval-checkpoint (the parts given),
-    failing with one line if it is unreadable or made by another script, env or architecture. Returns the global step
-    and iteration it was saved at; (0, 0) without a checkpoint."""
+    """Load --resume (all parts, random generators) or --eval-checkpoint (the parts given); returns the step counts."""
     path = args.resume or args.eval_checkpoint
     if path is None:
         return 0, 0
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        saved_args, made_by = checkpoint["args"], checkpoint.get("script")  # checkpoints of older code: no "script"
+        saved_args, made_by = checkpoint["args"], checkpoint["script"]
     except Exception as e:
         fail(f"cannot read checkpoint {path!r}: {type(e).__name__}: {e}")
-    if made_by not in (None, os.path.basename(__file__)) or set(saved_args) != set(vars(args)):
-        made_by = made_by or "arguments " + ", ".join(sorted(set(saved_args) ^ set(vars(args)))) + " differ"
+    if made_by != os.path.basename(__file__):
         fail(f"checkpoint {path!r} was made by another script ({made_by}); use that script")
     for name in ARCHITECTURE_ARGS:
-        if saved_args.get(name) != getattr(args, name):
-            fail(f"checkpoint {path!r} was made with {name}={saved_args.get(name)!r}, these args have "
-                 f"{name}={getattr(args, name)!r}; pass the same value")  # fmt: skip
+        if saved_args[name] != getattr(args, name):
+            fail(f"checkpoint {path!r} was made with {name}={saved_args[name]!r}, not {getattr(args, name)!r}")
     for name, part in parts.items():
         for target, state in zip(part, checkpoint[name]) if isinstance(part, list) else [(part, checkpoint[name])]:
             target.load_state_dict(state)
@@ -514,52 +445,39 @@ def restore(args: Args, parts: dict, rng: np.random.Generator) -> tuple[int, int
     return checkpoint["global_step"], checkpoint["iteration"]
 
 
-def snapshot(parts: dict, global_step: int, iteration: int, rng: np.random.Generator, args: Args) -> dict:
-    """A copy of everything --resume needs: the parts' states, the step counts, the random generators, the args."""
-    states = {name: [p.state_dict() for p in part] if isinstance(part, list) else part.state_dict()
-              for name, part in parts.items()}  # fmt: skip
-    counters = dict(global_step=global_step, iteration=iteration, rng=rng.bit_generator.state,
-                    torch_rng=torch.get_rng_state(), args=vars(args), script=os.path.basename(__file__))  # fmt: skip
-    return copy.deepcopy(states | counters)
-
-
-def save_checkpoint(checkpoint: dict, path: str):
-    """Write atomically: a crash never leaves a half-written checkpoint."""
+def save_checkpoint(path: str, parts: dict, global_step: int, iteration: int, rng: np.random.Generator, args: Args):
+    """Write all --resume needs (parts, step counts, random generators, args) atomically: never half a checkpoint."""
+    checkpoint = {name: [p.state_dict() for p in part] if isinstance(part, list) else part.state_dict()
+                  for name, part in parts.items()}  # fmt: skip
+    checkpoint |= dict(global_step=global_step, iteration=iteration, rng=rng.bit_generator.state,
+                       torch_rng=torch.get_rng_state(), args=vars(args), script=os.path.basename(__file__))  # fmt: skip
     torch.save(checkpoint, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
-def safe_name(name: str) -> str:
-    """A file name that pastes into a shell: characters other than letters, digits and ._=+- become _."""
-    return re.sub(r"[^\w.=+-]", "_", name)
-
-
 def start_run(args: Args, label: str, global_step: int, **notes) -> tuple[str, str, Callable]:
-    """Make the run folder (runs/{label}__{time}, or the checkpoint's on --resume) with args.json (args, command, notes)
-    and return it, the checkpoint path and log(metrics), which appends a line to metrics.jsonl and, with --track, logs
-    a W&B step. On --resume, metrics.jsonl loses the lines after the checkpoint's step and a line cut by a crash."""
+    """Make the run folder (the checkpoint's on --resume) with args.json; return it, the checkpoint path and log()."""
     if args.track:
         import wandb
 
         # without a terminal wandb cannot ask for its API key: check the login before making the folder
-        if os.environ.get("WANDB_MODE") not in ("offline", "disabled") and not sys.stdin.isatty():
-            if not wandb.login(prompt=False, verify=False):
-                fail("--track needs a W&B login: run `wandb login` once, or log offline with WANDB_MODE=offline")
+        online = os.environ.get("WANDB_MODE") not in ("offline", "disabled")
+        if online and not sys.stdin.isatty() and not wandb.login(prompt=False, verify=False):
+            fail("--track needs a W&B login: run `wandb login` once, or log offline with WANDB_MODE=offline")
+    unsafe = r"[^\w.=+-]"  # characters that become _ in file names, so that paths paste into a shell
     run_dir = os.path.dirname(os.path.abspath(args.resume)) if args.resume else None
-    run_dir = run_dir or os.path.join("runs", safe_name(f"{label}__{int(time.time())}"))
+    run_dir = run_dir or os.path.join("runs", re.sub(unsafe, "_", f"{label}__{int(time.time())}"))
     path = os.path.join(run_dir, "metrics.jsonl")
     try:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump({**vars(args), "command": " ".join(sys.argv), **notes}, f, indent=2)
-        if args.resume and os.path.exists(path):
-            kept = []
-            for number, line in enumerate(open(path).read().splitlines(), 1):
-                try:
-                    kept += [line + "\n"] if json.loads(line)["global_step"] <= global_step else []
-                except json.JSONDecodeError:
-                    print(f"warning: dropped line {number} of {path}, cut by a crash", file=sys.stderr)
-            open(path, "w").writelines(kept)
+        if args.resume and os.path.exists(path):  # keep the lines up to the checkpoint's step
+            lines = open(path).read().splitlines()
+            for number in [n for n, line in enumerate(lines, 1) if not line.endswith("}")]:
+                print(f"warning: dropped line {number} of {path}, cut by a crash", file=sys.stderr)
+            kept = [line for line in lines if line.endswith("}") and json.loads(line)["global_step"] <= global_step]
+            open(path, "w").writelines(line + "\n" for line in kept)
         metrics_file = open(path, "a")
     except OSError as e:
         fail(f"cannot write the run folder {run_dir!r} ({e.strerror}); run from a folder you can write to")
@@ -574,7 +492,7 @@ def start_run(args: Args, label: str, global_step: int, **notes) -> tuple[str, s
         if args.track:
             wandb.log(metrics, step=metrics["global_step"])
 
-    return run_dir, os.path.join(run_dir, safe_name(args.exp_name) + ".pt"), log
+    return run_dir, os.path.join(run_dir, re.sub(unsafe, "_", args.exp_name) + ".pt"), log
 
 
 def with_video(make: Callable, run_dir: str) -> Callable:
@@ -590,37 +508,19 @@ def progress_line(step: int, total: int, steps_per_second: float, episodes: str)
             f"ETA {eta // 3600}:{eta % 3600 // 60:02}:{eta % 60:02} | {episodes}")  # fmt: skip
 
 
-class Interrupts:
-    """Ctrl-C and SIGTERM raise KeyboardInterrupt(signal number), which stop() handles; inside `with interrupts:` only
-    at the end of the block. (pthread_sigmask would not hold them back: the OS may hand a signal to another thread.)"""
-
-    def __init__(self):
-        self.deferring, self.pending = False, None
-        signal.signal(signal.SIGINT, self.handle)
-        signal.signal(signal.SIGTERM, self.handle)
-
-    def handle(self, signum, frame):
-        if not self.deferring:
-            raise KeyboardInterrupt(signum)
-        self.pending = signum
-
-    def __enter__(self):
-        self.deferring = True
-
-    def __exit__(self, *exception):
-        self.deferring = False
-        if self.pending is not None:
-            raise KeyboardInterrupt(self.pending)
+def raise_interrupt(signum: int, frame):
+    """The handler of Ctrl-C and SIGTERM: KeyboardInterrupt(signal number), which ends training through stop()."""
+    raise KeyboardInterrupt(signum)
 
 
-def stop(reason: BaseException, global_step: int, checkpoint: dict | None, path: str):
-    """End training on Ctrl-C or SIGTERM (exit 128 + signal) or a NaN/inf (exit 1), saving the last good checkpoint."""
+def stop(reason: BaseException, global_step: int, checkpoint_path: str):
+    """End training on Ctrl-C or SIGTERM (exit 128 + signal) or a NaN/inf (exit 1), saying how to resume."""
     saved = "nothing saved (--save-model saves checkpoints)"
-    if checkpoint is not None:
-        save_checkpoint(checkpoint, path)
+    if os.path.exists(checkpoint_path):  # --save-model rewrites it after every finite update
         argv = [a for a, previous in zip(sys.argv, ["", *sys.argv]) if "--resume" not in (a.split("=")[0], previous)]
-        resume = shlex.join(["python", *argv, "--resume", path])  # this command, resuming from the checkpoint
-        saved = f"saved global_step={checkpoint['global_step']} to {path}; resume with: {resume}"
+        resume = shlex.join(["python", *argv, "--resume", checkpoint_path])  # this command, resuming from it
+        saved_step = torch.load(checkpoint_path, weights_only=False)["global_step"]
+        saved = f"{checkpoint_path} holds global_step={saved_step}; resume with: {resume}"
     if isinstance(reason, FloatingPointError):
         print(f"error: {reason} at global_step={global_step}; stopping, {saved}", file=sys.stderr)
         sys.exit(1)
@@ -632,28 +532,24 @@ def env_action(action: torch.Tensor, space: gym.spaces.Box) -> np.ndarray:
     """The torques sent to the env: a Gaussian sample a in [-1, 1] mapped linearly onto [low, high] as HARL does, then
     clipped to the bounds. The stored action is the sample a itself. Bounds of +-1 (HalfCheetah, Ant, Walker2d): a."""
     center, half_width = (space.high + space.low) / 2, (space.high - space.low) / 2
-    return np.clip(center + half_width * action.cpu().numpy(), space.low, space.high)
+    return np.clip(center + half_width * action.numpy(), space.low, space.high)
 
 
 def env_seeds(seed: int, num_envs: int, purpose: int, step: int = 0) -> list[int]:
-    """One independent seed per env: numpy's SeedSequence gives every (run seed, purpose, step, env index) a stream of
-    its own, so runs with neighbouring seeds share no env (seeding env i with seed + i would). purpose 0: the training
-    envs, started at `step` (a resumed run starts fresh episodes instead of replaying its first ones); 1: evaluation."""
+    """One seed per env from its own SeedSequence stream (run seed, purpose, step, env index): neighbouring run seeds
+    share no env. purpose 0: the training envs, started at `step` (a resume starts fresh episodes); 1: evaluation."""
     sequence = np.random.SeedSequence(seed, spawn_key=(purpose, step))
     return [int(child.generate_state(1)[0]) for child in sequence.spawn(num_envs)]
 
 
-def evaluate(actors, agents: list[str], envs: gym.vector.VectorEnv, seeds: list[int], device) -> np.ndarray:
+def evaluate(actors, agents: list[str], envs: gym.vector.VectorEnv, seeds: list[int]) -> np.ndarray:
     """Team return of one episode per env with deterministic actions (argmax / Gaussian mean), all envs in parallel."""
     obs, _ = envs.reset(seed=seeds)
     returns, finished = np.zeros(envs.num_envs), np.zeros(envs.num_envs, dtype=bool)
     while not finished.all():
         with torch.no_grad():
-            actions = tuple(
-                env_action(actor.distribution(torch.as_tensor(obs[agent], device=device)).mode, space)
-                for actor, agent, space in zip(actors, agents, envs.single_action_space)
-            )
-        obs, rewards, terminated, truncated, _ = envs.step(actions)
+            modes = [actor.distribution(torch.as_tensor(obs[agent])).mode for actor, agent in zip(actors, agents)]
+        obs, rewards, terminated, truncated, _ = envs.step(tuple(map(env_action, modes, envs.single_action_space)))
         returns += np.where(finished, 0.0, rewards)
         finished |= terminated | truncated
     return returns
@@ -676,14 +572,11 @@ if __name__ == "__main__":
     validate_args(args)
 
     # seeding
-    random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.set_num_threads(args.torch_threads)
     torch.distributions.Distribution.set_default_validate_args(False)  # checks cost more than the tiny networks
     rng = np.random.default_rng(args.seed)  # agent orders and minibatch shuffles
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # env setup
     envs = (gym.vector.AsyncVectorEnv if args.async_envs else gym.vector.SyncVectorEnv)(
@@ -694,66 +587,55 @@ if __name__ == "__main__":
     num_agents, action_spaces = len(agents), list(envs.single_action_space)
     state_size = envs.single_observation_space["state"].shape[0]
 
-    def make_eval_envs(video: bool) -> gym.vector.SyncVectorEnv:
-        """One env per evaluation episode; with video, env 0 films its episode."""
-        modes = ["rgb_array" if video and i == 0 else None for i in range(args.eval_episodes)]
-        thunks = [make_env(args.env_id, args.agent_obsk, mode) for mode in modes]
-        return gym.vector.SyncVectorEnv([with_video(thunks[0], run_dir) if video else thunks[0], *thunks[1:]])
-
     # agent setup
-    actors = [
-        Actor(envs.single_observation_space[a].shape[0], space, args.hidden_sizes).to(device)
-        for a, space in zip(agents, action_spaces)
-    ]
-    critic = Critic(state_size, args.hidden_sizes).to(device)
-    value_norm = ValueNorm().to(device)
+    obs_sizes = [envs.single_observation_space[a].shape[0] for a in agents]
+    actors = [Actor(size, space, args.hidden_sizes) for size, space in zip(obs_sizes, action_spaces)]
+    critic = Critic(state_size, args.hidden_sizes)
+    value_norm = ValueNorm()
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5)
 
     # ----- boilerplate a researcher may skip: resume, run folder, logging, evaluation -----
     parts = dict(actors=actors, critic=critic, critic_optimizer=critic_optimizer, value_norm=value_norm)
-    global_step, iteration = restore(args, parts if args.resume else dict(actors=actors), rng)
+    global_step, start_iteration = restore(args, parts if args.resume else dict(actors=actors), rng)
     label = f"{args.env_id}__{args.exp_name}__{args.seed}"
     run_dir, checkpoint_path, log = start_run(args, label, global_step, from_tuned_table=tuned_values)
     total = args.num_iterations * args.batch_size
-    print(f"run folder {run_dir}: {total:,} steps, on {device} with {torch.get_num_threads()} torch thread(s)")
+    print(f"run folder {run_dir}: {total:,} steps, on the CPU with {torch.get_num_threads()} torch thread(s)")
 
-    def evaluate_and_log(eval_envs: gym.vector.VectorEnv | None = None):
-        """Evaluate at global_step on the given envs, or on new ones, then closed (which writes the video)."""
-        envs_now = make_eval_envs(args.capture_video) if eval_envs is None else eval_envs
-        returns = evaluate(actors, agents, envs_now, env_seeds(args.seed, args.eval_episodes, purpose=1), device)
+    def evaluate_and_log(video: bool = False):
+        """Deterministic evaluation at global_step, one env per episode; with video, env 0 films its episode."""
+        modes = ["rgb_array" if video and i == 0 else None for i in range(args.eval_episodes)]
+        thunks = [make_env(args.env_id, args.agent_obsk, mode) for mode in modes]
+        eval_envs = gym.vector.SyncVectorEnv([with_video(thunks[0], run_dir) if video else thunks[0], *thunks[1:]])
+        returns = evaluate(actors, agents, eval_envs, env_seeds(args.seed, args.eval_episodes, purpose=1))
+        eval_envs.close()  # (writes the video)
         print(f"eval/episodic_return={returns.mean():.2f} +- {returns.std():.2f} over {len(returns)} episodes")
         log({"global_step": global_step, "eval/episodic_return": returns.mean(),
              "eval/episodic_return_std": returns.std()})  # fmt: skip
-        if eval_envs is None:
-            envs_now.close()
 
     if args.eval_checkpoint:
-        evaluate_and_log()
+        evaluate_and_log(args.capture_video)
         sys.exit(0)
-    periodic_eval_envs = make_eval_envs(video=False) if args.eval_interval else None
-    interrupts = Interrupts()  # Ctrl-C and SIGTERM: stop() saves the last good checkpoint and says how to resume
+    signal.signal(signal.SIGINT, raise_interrupt)  # Ctrl-C and SIGTERM: stop() says what was saved, how to resume
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    if args.save_model:  # rewritten after every finite update: what --resume continues from after a stop
+        save_checkpoint(checkpoint_path, parts, global_step, start_iteration, rng, args)
     # ----- end of boilerplate -----
 
-    # rollout storage: one tensor per agent (observation and action sizes may differ between agents)
+    # rollout storage, one tensor per agent (their sizes may differ); values are in the value normaliser's units
     T, E = args.num_steps, args.num_envs
-    obs = [torch.zeros((T, E) + envs.single_observation_space[a].shape, device=device) for a in agents]
-    actions = [
-        torch.zeros((T, E) + space.shape, device=device, dtype=torch.long if space.shape == () else torch.float)
-        for space in action_spaces
-    ]
-    logprobs = [torch.zeros((T, E), device=device) for _ in agents]
-    states = torch.zeros((T, E, state_size), device=device)
-    # values and next_values are the critic's outputs, in the value normaliser's units
-    rewards, values, next_values, terminations, dones = (torch.zeros((T, E), device=device) for _ in range(5))
+    obs = [torch.zeros((T, E, size)) for size in obs_sizes]
+    actions = [torch.zeros((T, E) + s.shape, dtype=torch.long if s.shape == () else torch.float) for s in action_spaces]
+    logprobs = [torch.zeros((T, E)) for _ in agents]
+    states = torch.zeros((T, E, state_size))
+    rewards, values, next_values, terminations, dones = (torch.zeros((T, E)) for _ in range(5))
 
     # start the game
     next_obs, _ = envs.reset(seed=env_seeds(args.seed, E, purpose=0, step=global_step))
     episode_returns, episode_lengths = np.zeros(E), np.zeros(E, dtype=int)
-    last_good_checkpoint = snapshot(parts, global_step, iteration, rng, args) if args.save_model else None
     start_time, start_step, episodes = time.time(), global_step, "no episode has ended yet"
     try:
-        while iteration < args.num_iterations:
-            iteration += 1
+        for iteration in range(start_iteration + 1, args.num_iterations + 1):
             if args.anneal_lr:
                 frac = 1.0 - (iteration - 1.0) / args.num_iterations
                 critic_optimizer.param_groups[0]["lr"] = frac * args.critic_learning_rate
@@ -761,33 +643,31 @@ if __name__ == "__main__":
             # rollout
             finished_returns, finished_lengths = [], []
             with torch.no_grad():
-                next_state = torch.as_tensor(next_obs["state"], device=device)
+                next_state = torch.as_tensor(next_obs["state"])
                 next_value = critic(next_state)
                 for step in range(T):
                     global_step += E
                     states[step] = next_state
                     values[step] = next_value
-                    env_actions = []
                     for i, agent in enumerate(agents):
-                        obs[i][step] = torch.as_tensor(next_obs[agent], device=device)
+                        obs[i][step] = torch.as_tensor(next_obs[agent])
                         dist = actors[i].distribution(obs[i][step])
                         actions[i][step] = dist.sample()
                         logprobs[i][step] = dist.log_prob(actions[i][step])
-                        env_actions.append(env_action(actions[i][step], action_spaces[i]))
-
-                    next_obs, reward, terminated, truncated, infos = envs.step(tuple(env_actions))
+                    env_actions = tuple(env_action(a[step], space) for a, space in zip(actions, action_spaces))
+                    next_obs, reward, terminated, truncated, infos = envs.step(env_actions)
                     done = terminated | truncated
-                    rewards[step] = torch.as_tensor(reward, device=device)
-                    terminations[step] = torch.as_tensor(terminated, device=device)
-                    dones[step] = torch.as_tensor(done, device=device)
-                    next_state = torch.as_tensor(next_obs["state"], device=device)
+                    rewards[step] = torch.as_tensor(reward)
+                    terminations[step] = torch.as_tensor(terminated)
+                    dones[step] = torch.as_tensor(done)
+                    next_state = torch.as_tensor(next_obs["state"])
                     next_value = critic(next_state)
                     # V(s_{t+1}) of the true next state: where an episode ended, its final state, not the reset one
                     next_values[step] = next_value
                     if done.any():
                         ended = np.flatnonzero(done)
                         final_states = np.stack([infos["final_obs"][j]["state"] for j in ended])
-                        next_values[step, ended] = critic(torch.as_tensor(final_states, device=device))
+                        next_values[step, ended] = critic(torch.as_tensor(final_states))
 
                     episode_returns += reward
                     episode_lengths += 1
@@ -796,16 +676,16 @@ if __name__ == "__main__":
                     episode_returns[done], episode_lengths[done] = 0.0, 0
 
                 # advantages from the de-normalised values of the centralised critic
-                values_denormalized = value_norm.denormalize(values)
-                advantages, returns = compute_gae(rewards, values_denormalized, value_norm.denormalize(next_values),
+                mean, std = value_norm.mean_std()
+                values_denormalized = values * std + mean
+                advantages, returns = compute_gae(rewards, values_denormalized, next_values * std + mean,
                                                   terminations, dones, args.gamma, args.gae_lambda)  # fmt: skip
 
             # flatten the batch
-            b_obs = [o.reshape((-1,) + o.shape[2:]) for o in obs]
-            b_actions = [a.reshape((-1,) + a.shape[2:]) for a in actions]
-            b_logprobs = [lp.reshape(-1) for lp in logprobs]
-            b_advantages = advantages.reshape(-1)
-            b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std() + 1e-5)
+            b_obs = [o.flatten(0, 1) for o in obs]
+            b_actions = [a.flatten(0, 1) for a in actions]
+            b_logprobs = [lp.flatten() for lp in logprobs]
+            b_advantages = ((advantages - advantages.mean()) / (advantages.std() + 1e-5)).reshape(-1)
 
             # sequential update in a fresh random order: agent i_m maximises its surrogate objective times the factor
             # M = prod_{j<m} pi_new^{i_j} / pi_old^{i_j} of the agents updated before it (detached; --no-sequential: 1)
@@ -821,17 +701,14 @@ if __name__ == "__main__":
             # critic: normalise the targets with statistics that include this batch, then fit V(s)
             b_returns = returns.reshape(-1)
             value_norm.update(b_returns)
-            b_states, b_targets = states.reshape(-1, state_size), value_norm.normalize(b_returns)
+            mean, std = value_norm.mean_std()
+            b_states, b_targets = states.reshape(-1, state_size), (b_returns - mean) / std
             value_loss = critic_update(critic, critic_optimizer, b_states, b_targets, values.reshape(-1), args, rng)
 
             # logging
             sps = int((global_step - start_step) / (time.time() - start_time))
-            metrics = {
-                "global_step": global_step,
-                "charts/SPS": sps,
-                "charts/learning_rate": critic_optimizer.param_groups[0]["lr"],
-                "losses/value_loss": value_loss,
-            }
+            metrics = {"global_step": global_step, "charts/SPS": sps, "losses/value_loss": value_loss,
+                       "charts/learning_rate": critic_optimizer.param_groups[0]["lr"]}  # fmt: skip
             var_returns = b_returns.var().item()
             if var_returns > 0:
                 residual_var = (b_returns - values_denormalized.reshape(-1)).var().item()
@@ -839,30 +716,25 @@ if __name__ == "__main__":
             if finished_returns:
                 metrics["charts/episodic_return"] = float(np.mean(finished_returns))
                 metrics["charts/episodic_length"] = float(np.mean(finished_lengths))
-            for i in range(num_agents):
-                metrics.update({f"agent{i}/{name}": value for name, value in stats[i].items()})
-            check_finite(metrics, {**{f"agent{i}": actor for i, actor in enumerate(actors)}, "critic": critic})
-            if finished_returns:
                 ended = f"{len(finished_returns)} episodes ended by step {global_step:,}"
                 episodes = f"episodic_return={metrics['charts/episodic_return']:.2f} ({ended})"
-            with interrupts:  # a signal waits until this step's metrics line, evaluation and checkpoint are written
-                log(metrics)
-                print(progress_line(global_step, total, sps, episodes))
-                # evaluate each time global_step passes a multiple of eval_interval (at the end, --save-model does)
-                saved_and_evaluated_below = args.save_model and iteration == args.num_iterations
-                if args.eval_interval and global_step % args.eval_interval < E * T and not saved_and_evaluated_below:
-                    evaluate_and_log(periodic_eval_envs)
-                if args.save_model:  # the state after a finite update: what an interrupt or a later NaN saves
-                    last_good_checkpoint = snapshot(parts, global_step, iteration, rng, args)
-                    if iteration % args.save_interval == 0 or iteration == args.num_iterations:
-                        save_checkpoint(last_good_checkpoint, checkpoint_path)
+            metrics |= {f"agent{i}/{name}": value for i in range(num_agents) for name, value in stats[i].items()}
+            check_finite(metrics, {**{f"agent{i}": actor for i, actor in enumerate(actors)}, "critic": critic})
+            log(metrics)
+            print(progress_line(global_step, total, sps, episodes))
+            # evaluate each time global_step passes a multiple of eval_interval (at the end, --save-model does)
+            saved_and_evaluated_below = args.save_model and iteration == args.num_iterations
+            if args.eval_interval and global_step % args.eval_interval < E * T and not saved_and_evaluated_below:
+                evaluate_and_log()
+            if args.save_model:
+                save_checkpoint(checkpoint_path, parts, global_step, iteration, rng, args)
     except (KeyboardInterrupt, FloatingPointError) as reason:
-        stop(reason, global_step, last_good_checkpoint, checkpoint_path)
+        stop(reason, global_step, checkpoint_path)
     envs.close()
 
     if args.save_model:
         print(f"model saved to {checkpoint_path}")
-        evaluate_and_log()
+        evaluate_and_log(args.capture_video)
     if args.track:
         import wandb
 

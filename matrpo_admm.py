@@ -1,10 +1,8 @@
 # MATRPO: TRPO with asynchronous ADMM (Li & He 2020, https://arxiv.org/abs/2010.07916); docs: docs/matrpo_admm.md
-import copy
 import importlib
 import json
 import math
 import os
-import random
 import re
 import shlex
 import signal
@@ -20,28 +18,18 @@ import torch
 import tyro
 from torch import nn
 from torch.distributions import Categorical, Independent, kl_divergence
-from torch.func import functional_call, jvp, vjp
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
-
-MODES = ("admm", "independent", "centralized")
-EDGE_ORDERS = ("random", "round-robin")
-X_UPDATES = ("linearized", "prox")
-ADVANTAGE_NORMS = ("pooled", "local")
 
 
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
     seed: int = 1  # seed of the experiment
-    torch_deterministic: bool = True  # if toggled, `torch.backends.cudnn.deterministic=True`
-    cuda: bool = False  # if toggled, use CUDA when available (these small networks usually run faster on the CPU)
     torch_threads: int = 1  # torch.set_num_threads; 1 leaves the other cores to parallel runs (results depend on it)
     track: bool = False  # if toggled, log to Weights and Biases (respects WANDB_MODE, e.g. WANDB_MODE=offline)
     wandb_project_name: str = "marl-trust-region"  # the wandb project name
     wandb_entity: str | None = None  # the entity (team) of the wandb project
     capture_video: bool = False  # if toggled, evaluation writes a video of its first episode to runs/{run_name}/videos
-    save_model: bool = False  # checkpoint every save_interval iterations, at the end and on Ctrl-C; then evaluate
-    save_interval: int = 50  # iterations between two checkpoints
+    save_model: bool = False  # checkpoint after every iteration (resume with --resume), then evaluate at the end
     resume: str | None = None  # path of a checkpoint to continue training from (same task, mode and architecture)
     eval_checkpoint: str | None = None  # path of a checkpoint to evaluate with deterministic actions; no training
     eval_episodes: int = 10  # episodes per evaluation (run in parallel, one env each)
@@ -86,28 +74,26 @@ def fail(message: str):
 
 
 ARG_RANGES = (  # (fields, test, what the error message says), checked by validate_args
-    ("num_envs num_steps total_timesteps critic_epochs critic_minibatch_size max_cycles save_interval eval_episodes "
+    ("num_envs num_steps total_timesteps critic_epochs critic_minibatch_size max_cycles eval_episodes "
      "torch_threads critic_learning_rate kl_threshold admm_rho admm_iters ls_steps cg_iters "
      "fisher_subsample", lambda x: x > 0, "positive"),
+    ("hidden_sizes", lambda x: len(x) > 0 and min(x) > 0, "one or more positive sizes"),
     ("num_agents", lambda x: x >= 2, ">= 2"),
     ("gamma gae_lambda backtrack_coef", lambda x: 0 < x <= 1, "in (0, 1]"),
     ("cg_damping eval_interval", lambda x: x >= 0, ">= 0"),
 )  # fmt: skip
-CHOICES = {"mode": MODES, "edge_order": EDGE_ORDERS, "x_update": X_UPDATES, "advantage_norm": ADVANTAGE_NORMS}
+CHOICES = {"mode": ("admm", "independent", "centralized"), "edge_order": ("random", "round-robin"),
+           "x_update": ("linearized", "prox"), "advantage_norm": ("pooled", "local")}  # fmt: skip
 
 
 def validate_args(args: Args):
     for name, choices in CHOICES.items():
         if getattr(args, name) not in choices:
             fail(f"unknown --{name.replace('_', '-')} {getattr(args, name)!r}; valid choices: {', '.join(choices)}")
-    if not args.exp_name or os.sep in args.exp_name:
-        fail(f"--exp-name {args.exp_name!r} must be a non-empty name without {os.sep!r} (it names files)")
     for names, in_range, expected in ARG_RANGES:
         for name in names.split():
             if not in_range(getattr(args, name)):
                 fail(f"--{name.replace('_', '-')} must be {expected}, got {getattr(args, name)}")
-    if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
-        fail(f"--hidden-sizes must be one or more positive sizes, got {args.hidden_sizes}")
     if args.batch_size < 2:
         fail(f"--num-envs x --num-steps must be 2 or more to normalise the advantages, got {args.batch_size}")
     if args.total_timesteps < args.batch_size:
@@ -118,7 +104,6 @@ def validate_args(args: Args):
         fail("give either --resume or --eval-checkpoint, not both")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
 # Environment: the paper's Cooperative Navigation with private rewards
 class MPEPrivateEnv(gym.Env):
     """mpe2's simple_spread as a gymnasium.Env: observation Dict of the global state and each agent's observation (the
@@ -174,7 +159,6 @@ def ring_edges(num_agents: int) -> list[tuple[int, int]]:
     return [(0, 1)] if num_agents == 2 else [(i, (i + 1) % num_agents) for i in range(num_agents)]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
 # Networks (the authors' code: two SELU layers of 128 for the policy and the critic)
 def layer_init(layer, std=2**0.5, bias_const=0.0):
     torch.nn.init.orthogonal_(layer.weight, std)
@@ -183,11 +167,9 @@ def layer_init(layer, std=2**0.5, bias_const=0.0):
 
 
 def selu_mlp(input_size: int, hidden_sizes: tuple[int, ...]) -> nn.Sequential:
-    layers, size = [], input_size
-    for hidden in hidden_sizes:
-        layers += [layer_init(nn.Linear(size, hidden), std=1.0), nn.SELU()]
-        size = hidden
-    return nn.Sequential(*layers)
+    sizes = (input_size, *hidden_sizes)
+    linears = [layer_init(nn.Linear(size_in, size_out), std=1.0) for size_in, size_out in zip(sizes, sizes[1:])]
+    return nn.Sequential(*[module for linear in linears for module in (linear, nn.SELU())])
 
 
 class JointPolicy(nn.Module):
@@ -222,14 +204,10 @@ class ValueNetwork(nn.Module):
         return self.net(obs).squeeze(-1)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
 # Algorithm
 def compute_gae(rewards, values, next_values, terminations, dones, gamma: float, gae_lambda: float):
-    """Generalised advantage estimation over a (num_steps, num_envs) rollout.
-
-    next_values[t] is V(s_{t+1}) of the true next state, also when the episode ended at t (then it is the value of
-    the final state), so a truncated episode bootstraps from it; a termination zeroes it. dones = terminated or
-    truncated stops the recursion at the episode boundary. Returns the advantages and the returns (targets of V)."""
+    """Advantages and returns (targets of V) of a (num_steps, num_envs) rollout. next_values[t] = V(s_{t+1}) of the true
+    next state: a truncation bootstraps from it, a termination zeroes it, and dones stops the sum at an episode end."""
     advantages = torch.zeros_like(rewards)
     lastgaelam = torch.zeros_like(rewards[0])
     for t in reversed(range(rewards.shape[0])):
@@ -291,13 +269,12 @@ class LocalModel:
     def __init__(self, policy: JointPolicy, obs, actions, advantages, args: Args):
         self.policy, self.obs, self.actions, self.advantages = policy, obs, actions, advantages
         self.names, self.shapes = zip(*[(name, p.shape) for name, p in policy.named_parameters()])
-        self.theta_old = parameters_to_vector(policy.parameters()).detach()
+        self.theta_old = nn.utils.parameters_to_vector(policy.parameters()).detach()
         with torch.no_grad():
             self.dist_old = policy.distribution(obs)
             self.logp_old = self.dist_old.base_dist.log_prob(actions)
-        _, self.pullback = vjp(self.log_ratios, self.theta_old)
-        # the Fisher matrix on every fisher_subsample-th step of every env (the batch is (step, env) flattened: a
-        # stride over it could pick only some of the envs, and underestimate the KL)
+        _, self.pullback = torch.func.vjp(self.log_ratios, self.theta_old)
+        # F on every fisher_subsample-th step of every env (a stride over the flat (step, env) batch could skip envs)
         fisher_obs = obs.unflatten(0, (-1, args.num_envs))[:: args.fisher_subsample].flatten(0, 1)
         self.fisher_product = fisher_vector_product(policy, fisher_obs, args.cg_damping)
         self.solve = partial(conjugate_gradient, self.fisher_product, iters=args.cg_iters)  # b -> (F + damping I)^-1 b
@@ -308,7 +285,7 @@ class LocalModel:
     def distribution(self, theta: torch.Tensor):
         chunks = theta.split([shape.numel() for shape in self.shapes])
         params = {n: c.view(s) for n, c, s in zip(self.names, chunks, self.shapes)}
-        return self.policy.distribution_from(functional_call(self.policy, params, (self.obs,)))
+        return self.policy.distribution_from(torch.func.functional_call(self.policy, params, (self.obs,)))
 
     def log_ratios(self, theta: torch.Tensor) -> torch.Tensor:
         return self.log_ratios_of(self.distribution(theta))
@@ -317,7 +294,7 @@ class LocalModel:
         return dist.base_dist.log_prob(self.actions) - self.logp_old
 
     def J(self, v: torch.Tensor) -> torch.Tensor:
-        return jvp(self.log_ratios, (self.theta_old,), (v,))[1]
+        return torch.func.jvp(self.log_ratios, (self.theta_old,), (v,))[1]
 
     def J_transpose(self, u: torch.Tensor) -> torch.Tensor:
         return self.pullback(u)[0]
@@ -372,13 +349,13 @@ def policy_step(model: LocalModel, coupling, degree: int, args: Args) -> torch.T
     agent keeps its last accepted step (theta_old, l = 0 if none), so it does not announce l = 0 to its neighbours."""
     if args.x_update == "prox" and degree > 0:
         x = prox_x_update(model, coupling, args.admm_rho * degree, args)
-        vector_to_parameters(model.theta_old + x, model.policy.parameters())
+        nn.utils.vector_to_parameters(model.theta_old + x, model.policy.parameters())
         model.prox_step, model.kept_log_ratios = x, model.J(x).detach()
     else:
         theta, log_ratios, steps = linearized_x_update(model, coupling, args.admm_rho * degree, args)
         model.line_search_steps.append(steps)
         if theta is not None:
-            vector_to_parameters(theta, model.policy.parameters())
+            nn.utils.vector_to_parameters(theta, model.policy.parameters())
             model.kept_log_ratios = log_ratios
     return model.kept_log_ratios
 
@@ -396,9 +373,8 @@ def admm_consensus(policy_steps: list[Callable], zero: torch.Tensor, edges, args
     degree d_q) -> l_q, then exchange l and lambda over e and update e's estimators z and duals. Returns l, metrics."""
     rho = args.admm_rho
     sign = {(e, q): 1.0 if q == edge[0] else -1.0 for e, edge in enumerate(edges) for q in edge}  # w_eq
-    z = {key: torch.zeros_like(zero) for key in sign}  # estimators z_eq of w_eq l_q, with z_ei + z_ej = 0
-    lam = {key: torch.zeros_like(zero) for key in sign}  # duals lambda_eq
-    z_change = {key: torch.zeros_like(zero) for key in sign}  # z_eq minus its value before e's last activation
+    # per (edge e, endpoint q): estimator z_eq of w_eq l_q (z_ei + z_ej = 0), dual lambda_eq, z_eq's last change
+    z, lam, z_change = ({key: torch.zeros_like(zero) for key in sign} for _ in range(3))
     log_ratios = [torch.zeros_like(zero) for _ in policy_steps]
     for k in range(args.admm_iters):
         e = int(rng.integers(len(edges))) if args.edge_order == "random" else k % len(edges)
@@ -429,8 +405,7 @@ def fit_critic(critic, optimizer, obs, returns, args: Args, rng: np.random.Gener
     losses, minibatch_size = [], args.critic_minibatch_size
     for _ in range(args.critic_epochs):
         order = torch.from_numpy(rng.permutation(len(returns)))
-        for start in range(0, len(returns) - minibatch_size + 1, minibatch_size):
-            mb = order[start : start + minibatch_size]
+        for mb in order[: len(order) // minibatch_size * minibatch_size].split(minibatch_size):  # full minibatches
             loss = ((critic(obs[mb]) - returns[mb]) ** 2).mean()
             optimizer.zero_grad()
             loss.backward()
@@ -439,30 +414,25 @@ def fit_critic(critic, optimizer, obs, returns, args: Args, rng: np.random.Gener
     return float(np.mean(losses))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
 # Harness: checkpoints, run folder, console, signals, evaluation. Boilerplate a researcher may skip.
 ARCHITECTURE_ARGS = ("num_agents", "mode", "hidden_sizes")
 
 
 def restore(args: Args, parts: dict, rng: np.random.Generator) -> tuple[int, int]:
-    """Load the checkpoint of --resume (every part and the random generators) or --eval-checkpoint (the parts given),
-    failing with one line if it is unreadable or made by another script, env or architecture. Returns the global step
-    and iteration it was saved at; (0, 0) without a checkpoint."""
+    """Load --resume (all parts, random generators) or --eval-checkpoint (the parts given); returns the step counts."""
     path = args.resume or args.eval_checkpoint
     if path is None:
         return 0, 0
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        saved_args, made_by = checkpoint["args"], checkpoint.get("script")  # checkpoints of older code: no "script"
+        saved_args, made_by = checkpoint["args"], checkpoint["script"]
     except Exception as e:
         fail(f"cannot read checkpoint {path!r}: {type(e).__name__}: {e}")
-    if made_by not in (None, os.path.basename(__file__)) or set(saved_args) != set(vars(args)):
-        made_by = made_by or "arguments " + ", ".join(sorted(set(saved_args) ^ set(vars(args)))) + " differ"
+    if made_by != os.path.basename(__file__):
         fail(f"checkpoint {path!r} was made by another script ({made_by}); use that script")
     for name in ARCHITECTURE_ARGS:
-        if saved_args.get(name) != getattr(args, name):
-            fail(f"checkpoint {path!r} was made with {name}={saved_args.get(name)!r}, these args have "
-                 f"{name}={getattr(args, name)!r}; pass the same value")  # fmt: skip
+        if saved_args[name] != getattr(args, name):
+            fail(f"checkpoint {path!r} was made with {name}={saved_args[name]!r}, not {getattr(args, name)!r}")
     for name, part in parts.items():
         for target, state in zip(part, checkpoint[name]) if isinstance(part, list) else [(part, checkpoint[name])]:
             target.load_state_dict(state)
@@ -473,52 +443,39 @@ def restore(args: Args, parts: dict, rng: np.random.Generator) -> tuple[int, int
     return checkpoint["global_step"], checkpoint["iteration"]
 
 
-def snapshot(parts: dict, global_step: int, iteration: int, rng: np.random.Generator, args: Args) -> dict:
-    """A copy of everything --resume needs: the parts' states, the step counts, the random generators, the args."""
-    states = {name: [p.state_dict() for p in part] if isinstance(part, list) else part.state_dict()
-              for name, part in parts.items()}  # fmt: skip
-    counters = dict(global_step=global_step, iteration=iteration, rng=rng.bit_generator.state,
-                    torch_rng=torch.get_rng_state(), args=vars(args), script=os.path.basename(__file__))  # fmt: skip
-    return copy.deepcopy(states | counters)
-
-
-def save_checkpoint(checkpoint: dict, path: str):
-    """Write atomically: a crash never leaves a half-written checkpoint."""
+def save_checkpoint(path: str, parts: dict, global_step: int, iteration: int, rng: np.random.Generator, args: Args):
+    """Write all --resume needs (parts, step counts, random generators, args) atomically: never half a checkpoint."""
+    checkpoint = {name: [p.state_dict() for p in part] if isinstance(part, list) else part.state_dict()
+                  for name, part in parts.items()}  # fmt: skip
+    checkpoint |= dict(global_step=global_step, iteration=iteration, rng=rng.bit_generator.state,
+                       torch_rng=torch.get_rng_state(), args=vars(args), script=os.path.basename(__file__))  # fmt: skip
     torch.save(checkpoint, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
-def safe_name(name: str) -> str:
-    """A file name that pastes into a shell: characters other than letters, digits and ._=+- become _."""
-    return re.sub(r"[^\w.=+-]", "_", name)
-
-
 def start_run(args: Args, label: str, global_step: int, **notes) -> tuple[str, str, Callable]:
-    """Make the run folder (runs/{label}__{time}, or the checkpoint's on --resume) with args.json (args, command, notes)
-    and return it, the checkpoint path and log(metrics), which appends a line to metrics.jsonl and, with --track, logs
-    a W&B step. On --resume, metrics.jsonl loses the lines after the checkpoint's step and a line cut by a crash."""
+    """Make the run folder (the checkpoint's on --resume) with args.json; return it, the checkpoint path and log()."""
     if args.track:
         import wandb
 
         # without a terminal wandb cannot ask for its API key: check the login before making the folder
-        if os.environ.get("WANDB_MODE") not in ("offline", "disabled") and not sys.stdin.isatty():
-            if not wandb.login(prompt=False, verify=False):
-                fail("--track needs a W&B login: run `wandb login` once, or log offline with WANDB_MODE=offline")
+        online = os.environ.get("WANDB_MODE") not in ("offline", "disabled")
+        if online and not sys.stdin.isatty() and not wandb.login(prompt=False, verify=False):
+            fail("--track needs a W&B login: run `wandb login` once, or log offline with WANDB_MODE=offline")
+    unsafe = r"[^\w.=+-]"  # characters that become _ in file names, so that paths paste into a shell
     run_dir = os.path.dirname(os.path.abspath(args.resume)) if args.resume else None
-    run_dir = run_dir or os.path.join("runs", safe_name(f"{label}__{int(time.time())}"))
+    run_dir = run_dir or os.path.join("runs", re.sub(unsafe, "_", f"{label}__{int(time.time())}"))
     path = os.path.join(run_dir, "metrics.jsonl")
     try:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump({**vars(args), "command": " ".join(sys.argv), **notes}, f, indent=2)
-        if args.resume and os.path.exists(path):
-            kept = []
-            for number, line in enumerate(open(path).read().splitlines(), 1):
-                try:
-                    kept += [line + "\n"] if json.loads(line)["global_step"] <= global_step else []
-                except json.JSONDecodeError:
-                    print(f"warning: dropped line {number} of {path}, cut by a crash", file=sys.stderr)
-            open(path, "w").writelines(kept)
+        if args.resume and os.path.exists(path):  # keep the lines up to the checkpoint's step
+            lines = open(path).read().splitlines()
+            for number in [n for n, line in enumerate(lines, 1) if not line.endswith("}")]:
+                print(f"warning: dropped line {number} of {path}, cut by a crash", file=sys.stderr)
+            kept = [line for line in lines if line.endswith("}") and json.loads(line)["global_step"] <= global_step]
+            open(path, "w").writelines(line + "\n" for line in kept)
         metrics_file = open(path, "a")
     except OSError as e:
         fail(f"cannot write the run folder {run_dir!r} ({e.strerror}); run from a folder you can write to")
@@ -533,7 +490,7 @@ def start_run(args: Args, label: str, global_step: int, **notes) -> tuple[str, s
         if args.track:
             wandb.log(metrics, step=metrics["global_step"])
 
-    return run_dir, os.path.join(run_dir, safe_name(args.exp_name) + ".pt"), log
+    return run_dir, os.path.join(run_dir, re.sub(unsafe, "_", args.exp_name) + ".pt"), log
 
 
 def with_video(make: Callable, run_dir: str) -> Callable:
@@ -549,37 +506,19 @@ def progress_line(step: int, total: int, steps_per_second: float, episodes: str)
             f"ETA {eta // 3600}:{eta % 3600 // 60:02}:{eta % 60:02} | {episodes}")  # fmt: skip
 
 
-class Interrupts:
-    """Ctrl-C and SIGTERM raise KeyboardInterrupt(signal number), which stop() handles; inside `with interrupts:` only
-    at the end of the block. (pthread_sigmask would not hold them back: the OS may hand a signal to another thread.)"""
-
-    def __init__(self):
-        self.deferring, self.pending = False, None
-        signal.signal(signal.SIGINT, self.handle)
-        signal.signal(signal.SIGTERM, self.handle)
-
-    def handle(self, signum, frame):
-        if not self.deferring:
-            raise KeyboardInterrupt(signum)
-        self.pending = signum
-
-    def __enter__(self):
-        self.deferring = True
-
-    def __exit__(self, *exception):
-        self.deferring = False
-        if self.pending is not None:
-            raise KeyboardInterrupt(self.pending)
+def raise_interrupt(signum: int, frame):
+    """The handler of Ctrl-C and SIGTERM: KeyboardInterrupt(signal number), which ends training through stop()."""
+    raise KeyboardInterrupt(signum)
 
 
-def stop(reason: BaseException, global_step: int, checkpoint: dict | None, path: str):
-    """End training on Ctrl-C or SIGTERM (exit 128 + signal) or a NaN/inf (exit 1), saving the last good checkpoint."""
+def stop(reason: BaseException, global_step: int, checkpoint_path: str):
+    """End training on Ctrl-C or SIGTERM (exit 128 + signal) or a NaN/inf (exit 1), saying how to resume."""
     saved = "nothing saved (--save-model saves checkpoints)"
-    if checkpoint is not None:
-        save_checkpoint(checkpoint, path)
+    if os.path.exists(checkpoint_path):  # --save-model rewrites it after every finite update
         argv = [a for a, previous in zip(sys.argv, ["", *sys.argv]) if "--resume" not in (a.split("=")[0], previous)]
-        resume = shlex.join(["python", *argv, "--resume", path])  # this command, resuming from the checkpoint
-        saved = f"saved global_step={checkpoint['global_step']} to {path}; resume with: {resume}"
+        resume = shlex.join(["python", *argv, "--resume", checkpoint_path])  # this command, resuming from it
+        saved_step = torch.load(checkpoint_path, weights_only=False)["global_step"]
+        saved = f"{checkpoint_path} holds global_step={saved_step}; resume with: {resume}"
     if isinstance(reason, FloatingPointError):
         print(f"error: {reason} at global_step={global_step}; stopping, {saved}", file=sys.stderr)
         sys.exit(1)
@@ -587,31 +526,28 @@ def stop(reason: BaseException, global_step: int, checkpoint: dict | None, path:
     sys.exit(128 + reason.args[0])
 
 
-def joint_action(policies, obs_keys, executors, obs: dict, deterministic: bool, device) -> torch.Tensor:
+def joint_action(policies, obs_keys, executors, obs: dict, deterministic: bool) -> torch.Tensor:
     """The executed joint action (batch, agents): agent k plays head executors[k] = (policy, head) of that policy."""
-    chosen = []  # each policy's actions for the agents it models
-    for policy, key in zip(policies, obs_keys):
-        dist = policy.distribution(torch.as_tensor(obs[key], device=device))
-        chosen.append(dist.base_dist.probs.argmax(-1) if deterministic else dist.sample())
+    dists = [policy.distribution(torch.as_tensor(obs[key])) for policy, key in zip(policies, obs_keys)]
+    chosen = [dist.base_dist.probs.argmax(-1) if deterministic else dist.sample() for dist in dists]  # for its heads
     return torch.stack([chosen[p][..., h] for p, h in executors], -1)
 
 
 def env_seeds(seed: int, num_envs: int, purpose: int, step: int = 0) -> list[int]:
-    """One independent seed per env: numpy's SeedSequence gives every (run seed, purpose, step, env index) a stream of
-    its own, so runs with neighbouring seeds share no env (seeding env i with seed + i would). purpose 0: the training
-    envs, started at `step` (a resumed run starts fresh episodes instead of replaying its first ones); 1: evaluation."""
+    """One seed per env from its own SeedSequence stream (run seed, purpose, step, env index): neighbouring run seeds
+    share no env. purpose 0: the training envs, started at `step` (a resume starts fresh episodes); 1: evaluation."""
     sequence = np.random.SeedSequence(seed, spawn_key=(purpose, step))
     return [int(child.generate_state(1)[0]) for child in sequence.spawn(num_envs)]
 
 
-def evaluate_team(policies, obs_keys, executors, envs: gym.vector.VectorEnv, seeds: list[int], device) -> np.ndarray:
+def evaluate_team(policies, obs_keys, executors, envs: gym.vector.VectorEnv, seeds: list[int]) -> np.ndarray:
     """Team return of one episode per env with deterministic actions (each head's argmax), all envs in parallel."""
     obs, _ = envs.reset(seed=seeds)
     returns, finished = np.zeros(envs.num_envs), np.zeros(envs.num_envs, dtype=bool)
     while not finished.all():
         with torch.no_grad():
-            action = joint_action(policies, obs_keys, executors, obs, True, device)
-        obs, rewards, terminated, truncated, _ = envs.step(tuple(action.T.cpu().numpy()))
+            action = joint_action(policies, obs_keys, executors, obs, True)
+        obs, rewards, terminated, truncated, _ = envs.step(tuple(action.T.numpy()))
         returns += np.where(finished, 0.0, rewards)
         finished |= terminated | truncated
     return returns
@@ -635,92 +571,77 @@ if __name__ == "__main__":
     validate_args(args)
 
     # seeding
-    random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.set_num_threads(args.torch_threads)
     torch.distributions.Distribution.set_default_validate_args(False)  # checks cost more than the tiny networks
     rng = np.random.default_rng(args.seed)  # edge activations and minibatch shuffles
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # env setup
-    envs = gym.vector.SyncVectorEnv(
-        [make_env(args.num_agents, args.max_cycles) for _ in range(args.num_envs)],
-        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
-    )
+    env_thunk = make_env(args.num_agents, args.max_cycles)
+    envs = gym.vector.SyncVectorEnv([env_thunk] * args.num_envs, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     agents = envs.get_attr("agents")[0]
     n, num_actions = len(agents), envs.single_action_space[0].n
-
-    def make_eval_envs(video: bool) -> gym.vector.SyncVectorEnv:
-        """One env per evaluation episode; with video, env 0 films its episode."""
-        thunks = [make_env(args.num_agents, args.max_cycles, "rgb_array" if video and i == 0 else None)
-                  for i in range(args.eval_episodes)]  # fmt: skip
-        return gym.vector.SyncVectorEnv([with_video(thunks[0], run_dir) if video else thunks[0], *thunks[1:]])
 
     # Who learns what: each policy's observation, the agents it models (its heads) and, for each agent, the (policy,
     # head) that acts for it. admm: agent i models the joint action from o^i with its private reward; independent:
     # agent i models only its own action; centralized: one policy on the global state (all observations), team reward.
-    if args.mode == "centralized":
-        obs_keys, modelled_agents, executors = ["state"], [list(range(n))], [(0, k) for k in range(n)]
-    elif args.mode == "independent":
-        obs_keys, modelled_agents, executors = list(agents), [[i] for i in range(n)], [(i, 0) for i in range(n)]
-    else:
-        obs_keys, modelled_agents, executors = list(agents), [list(range(n))] * n, [(i, i) for i in range(n)]
-    num_policies = len(obs_keys)
+    obs_keys, modelled_agents, executors = {
+        "admm": (list(agents), [list(range(n))] * n, [(i, i) for i in range(n)]),
+        "independent": (list(agents), [[i] for i in range(n)], [(i, 0) for i in range(n)]),
+        "centralized": (["state"], [list(range(n))], [(0, k) for k in range(n)]),
+    }[args.mode]
     obs_sizes = [envs.single_observation_space[key].shape[0] for key in obs_keys]
-    policies = [
-        JointPolicy(size, len(h), num_actions, args.hidden_sizes).to(device)
-        for size, h in zip(obs_sizes, modelled_agents)
-    ]
-    critics = [ValueNetwork(size, args.hidden_sizes).to(device) for size in obs_sizes]
+    policies = [JointPolicy(size, len(heads), num_actions, args.hidden_sizes)
+                for size, heads in zip(obs_sizes, modelled_agents)]  # fmt: skip
+    critics = [ValueNetwork(size, args.hidden_sizes) for size in obs_sizes]
     critic_optimizers = [torch.optim.Adam(c.parameters(), lr=args.critic_learning_rate) for c in critics]
+    networks = {f"agent{p}": pi for p, pi in enumerate(policies)} | {f"critic{p}": c for p, c in enumerate(critics)}
 
     # ----- boilerplate a researcher may skip: resume, run folder, logging, evaluation -----
     parts = dict(actors=policies, critics=critics, critic_optimizers=critic_optimizers)  # what a checkpoint holds
-    global_step, iteration = restore(args, parts if args.resume else dict(actors=policies), rng)
+    global_step, start_iteration = restore(args, parts if args.resume else dict(actors=policies), rng)
     label = f"spread_private_{args.num_agents}__{args.exp_name}__{args.mode}__{args.seed}"
     run_dir, checkpoint_path, log = start_run(args, label, global_step)
     total = args.num_iterations * args.batch_size
-    print(f"run folder {run_dir}: {total:,} steps, on {device} with {torch.get_num_threads()} torch thread(s)")
+    print(f"run folder {run_dir}: {total:,} steps, on the CPU with {torch.get_num_threads()} torch thread(s)")
 
-    def evaluate_and_log(eval_envs: gym.vector.VectorEnv | None = None):
-        """Evaluate at global_step on the given envs, or on new ones, then closed (which writes the video)."""
-        envs_now = make_eval_envs(args.capture_video) if eval_envs is None else eval_envs
+    def evaluate_and_log(video: bool = False):
+        """Deterministic evaluation at global_step, one env per episode; with video, env 0 films its episode."""
+        filmed = with_video(make_env(args.num_agents, args.max_cycles, "rgb_array"), run_dir)
+        eval_envs = gym.vector.SyncVectorEnv([filmed if video else env_thunk] + [env_thunk] * (args.eval_episodes - 1))
         seeds = env_seeds(args.seed, args.eval_episodes, purpose=1)
-        returns = evaluate_team(policies, obs_keys, executors, envs_now, seeds, device)
+        returns = evaluate_team(policies, obs_keys, executors, eval_envs, seeds)
+        eval_envs.close()  # (writes the video)
         print(f"eval/episodic_return={returns.mean():.2f} +- {returns.std():.2f} over {len(returns)} episodes")
         log({"global_step": global_step, "eval/episodic_return": returns.mean(),
              "eval/episodic_return_std": returns.std()})  # fmt: skip
-        if eval_envs is None:
-            envs_now.close()
 
     if args.eval_checkpoint:
-        evaluate_and_log()
+        evaluate_and_log(args.capture_video)
         sys.exit(0)
-    periodic_eval_envs = make_eval_envs(video=False) if args.eval_interval else None
-    interrupts = Interrupts()  # Ctrl-C and SIGTERM: stop() saves the last good checkpoint and says how to resume
+    signal.signal(signal.SIGINT, raise_interrupt)  # Ctrl-C and SIGTERM: stop() says what was saved, how to resume
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    if args.save_model:  # rewritten after every finite update: what --resume continues from after a stop
+        save_checkpoint(checkpoint_path, parts, global_step, start_iteration, rng, args)
     # ----- end of boilerplate -----
 
     # rollout storage: per policy its observations, rewards and values; the joint actions are known to every agent
     T, E = args.num_steps, args.num_envs
-    obs = [torch.zeros((T, E, size), device=device) for size in obs_sizes]
-    actions = torch.zeros((T, E, n), dtype=torch.long, device=device)
-    rewards, values, next_values = (torch.zeros((T, E, num_policies), device=device) for _ in range(3))
-    terminations, dones = torch.zeros((T, E), device=device), torch.zeros((T, E), device=device)
+    obs = [torch.zeros((T, E, size)) for size in obs_sizes]
+    actions = torch.zeros((T, E, n), dtype=torch.long)
+    rewards, values, next_values = (torch.zeros((T, E, len(obs_keys))) for _ in range(3))
+    terminations, dones = torch.zeros((T, E)), torch.zeros((T, E))
 
     def values_of(observation: dict) -> torch.Tensor:  # each policy's critic on its own part: (..., policies)
-        return torch.stack([c(torch.as_tensor(observation[k], device=device)) for c, k in zip(critics, obs_keys)], -1)
+        return torch.stack([c(torch.as_tensor(observation[k])) for c, k in zip(critics, obs_keys)], -1)
 
     # start the game
     next_obs, _ = envs.reset(seed=env_seeds(args.seed, E, purpose=0, step=global_step))
     episode_returns, episode_lengths = np.zeros((E, n)), np.zeros(E, dtype=int)
-    last_good_checkpoint = snapshot(parts, global_step, iteration, rng, args) if args.save_model else None
     start_time, start_step, episodes = time.time(), global_step, "no episode has ended yet"
     try:
-        while iteration < args.num_iterations:
-            iteration += 1
-
+        for iteration in range(start_iteration + 1, args.num_iterations + 1):
             # rollout
             finished_returns, finished_lengths = [], []
             with torch.no_grad():
@@ -728,44 +649,40 @@ if __name__ == "__main__":
                 for step in range(T):
                     global_step += E
                     for p, key in enumerate(obs_keys):
-                        obs[p][step] = torch.as_tensor(next_obs[key], device=device)
+                        obs[p][step] = torch.as_tensor(next_obs[key])
                     values[step] = next_value
-                    actions[step] = joint_action(policies, obs_keys, executors, next_obs, False, device)
+                    actions[step] = joint_action(policies, obs_keys, executors, next_obs, False)
 
-                    next_obs, _, terminated, truncated, infos = envs.step(tuple(actions[step].T.cpu().numpy()))
+                    next_obs, _, terminated, truncated, infos = envs.step(tuple(actions[step].T.numpy()))
                     done = terminated | truncated
-                    private = torch.as_tensor(step_private_rewards(infos, done), dtype=torch.float, device=device)
+                    private = torch.as_tensor(step_private_rewards(infos, done), dtype=torch.float)
                     rewards[step] = private.sum(-1, keepdim=True) if args.mode == "centralized" else private
-                    terminations[step] = torch.as_tensor(terminated, device=device)
-                    dones[step] = torch.as_tensor(done, device=device)
+                    terminations[step] = torch.as_tensor(terminated)
+                    dones[step] = torch.as_tensor(done)
                     # V(s_{t+1}) of the true next state: where an episode ended, its final state, not the reset one
                     next_values[step] = next_value = values_of(next_obs)
                     for j in np.flatnonzero(done):
                         next_values[step, j] = values_of(infos["final_obs"][j])
 
-                    episode_returns += private.cpu().numpy()
+                    episode_returns += private.numpy()
                     episode_lengths += 1
                     finished_returns += list(episode_returns[done])
                     finished_lengths += list(episode_lengths[done])
                     episode_returns[done], episode_lengths[done] = 0.0, 0
 
                 # every policy's own GAE on its own reward and critic
-                advantages, returns = compute_gae(
-                    rewards, values, next_values, terminations[..., None], dones[..., None], args.gamma, args.gae_lambda
-                )
+                advantages, returns = compute_gae(rewards, values, next_values, terminations[..., None],
+                                                  dones[..., None], args.gamma, args.gae_lambda)  # fmt: skip
 
-            # flatten the batch
-            b_obs = [o.reshape(-1, o.shape[-1]) for o in obs]
-            b_actions = actions.reshape(-1, n)
-            b_advantages = normalize_advantages(advantages.reshape(-1, num_policies), args.advantage_norm)
-            b_returns = returns.reshape(-1, num_policies)
+            # flatten the batch: (steps, envs, ...) -> (samples, ...)
+            b_obs = [o.flatten(0, 1) for o in obs]
+            b_actions = [actions.flatten(0, 1)[:, heads] for heads in modelled_agents]  # per policy, its heads' actions
+            b_advantages = normalize_advantages(advantages.flatten(0, 1), args.advantage_norm)
+            b_returns = returns.flatten(0, 1)
 
             # policy iteration: each agent linearises its policy at theta_old on its own batch, then takes its steps
             update_start = time.time()
-            models = [
-                LocalModel(policy, b_obs[p], b_actions[:, modelled_agents[p]], b_advantages[:, p], args)
-                for p, policy in enumerate(policies)
-            ]
+            models = [LocalModel(pi, b_obs[p], b_actions[p], b_advantages[:, p], args) for p, pi in enumerate(policies)]
             if args.mode == "admm":
                 steps = [partial(policy_step, model, args=args) for model in models]
                 _, metrics = admm_consensus(steps, torch.zeros_like(models[0].logp_old), ring_edges(n), args, rng)
@@ -809,26 +726,22 @@ if __name__ == "__main__":
                 metrics |= {f"agent{i}/episodic_return": float(r) for i, r in enumerate(private_returns)}
                 ended = f"{len(finished_returns)} episodes ended by step {global_step:,}"
                 episodes = f"episodic_return={metrics['charts/episodic_return']:.2f} ({ended})"
-            networks = {f"agent{p}": policy for p, policy in enumerate(policies)}
-            check_finite(metrics, networks | {f"critic{p}": critic for p, critic in enumerate(critics)})
-            with interrupts:  # a signal waits until this step's metrics line, evaluation and checkpoint are written
-                log(metrics)
-                print(progress_line(global_step, total, sps, episodes))
-                # evaluate each time global_step passes a multiple of eval_interval (at the end, --save-model does)
-                saved_and_evaluated_below = args.save_model and iteration == args.num_iterations
-                if args.eval_interval and global_step % args.eval_interval < E * T and not saved_and_evaluated_below:
-                    evaluate_and_log(periodic_eval_envs)
-                if args.save_model:  # the state after a finite update: what an interrupt or a later NaN saves
-                    last_good_checkpoint = snapshot(parts, global_step, iteration, rng, args)
-                    if iteration % args.save_interval == 0 or iteration == args.num_iterations:
-                        save_checkpoint(last_good_checkpoint, checkpoint_path)
+            check_finite(metrics, networks)
+            log(metrics)
+            print(progress_line(global_step, total, sps, episodes))
+            # evaluate each time global_step passes a multiple of eval_interval (at the end, --save-model does)
+            saved_and_evaluated_below = args.save_model and iteration == args.num_iterations
+            if args.eval_interval and global_step % args.eval_interval < E * T and not saved_and_evaluated_below:
+                evaluate_and_log()
+            if args.save_model:
+                save_checkpoint(checkpoint_path, parts, global_step, iteration, rng, args)
     except (KeyboardInterrupt, FloatingPointError) as reason:
-        stop(reason, global_step, last_good_checkpoint, checkpoint_path)
+        stop(reason, global_step, checkpoint_path)
     envs.close()
 
     if args.save_model:
         print(f"model saved to {checkpoint_path}")
-        evaluate_and_log()
+        evaluate_and_log(args.capture_video)
     if args.track:
         import wandb
 

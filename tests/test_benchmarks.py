@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from helpers import REPO, SCRIPT_ENV, tiny
 
@@ -41,26 +42,31 @@ def test_run_keys_name_the_script_env_flags_and_seed_and_seeds_come_outermost():
 
 def test_runner_stops_on_sigterm_resumes_from_the_checkpoint_and_skips_finished_runs(tmp_path):
     results = tmp_path / "results"
-    command = runner(results, "--scripts", "happo_mpe.py", "--seeds", "3", "--", *tiny(4000), "--save-interval", "1")
+    command = runner(results, "--scripts", "happo_mpe.py", "--seeds", "3", "--", *tiny(4000))
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=SCRIPT_ENV)
-    folder = results / run.run_key("happo_mpe.py", None, [*tiny(4000), "--save-interval", "1"], 3)
+    folder = results / run.run_key("happo_mpe.py", None, [*tiny(4000)], 3)
+
+    def saved_step() -> int:  # the step of the run's checkpoint, which it writes at the start and after each iteration
+        path = run.latest_checkpoint(folder)
+        return torch.load(path, weights_only=False)["global_step"] if path else 0
+
     deadline = time.time() + 120
-    while run.latest_checkpoint(folder) is None and time.time() < deadline:
+    while saved_step() == 0 and time.time() < deadline:
         time.sleep(0.1)
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=120) == 128 + signal.SIGTERM, first.stdout.read()
     (stopped,) = read_jsonl(folder / "segments.jsonl")
     assert stopped["returncode"] == 128 + signal.SIGTERM and stopped["resumed_from_step"] is None
     assert not (folder / "done").exists() and not (folder / "failed").exists()
-    stopped_at = read_jsonl(next(folder.glob("runs/*/metrics.jsonl")))[-1]["global_step"]
-    assert stopped_at < 4000
+    stopped_at = saved_step()
+    assert 0 < stopped_at < 4000
 
     second = subprocess.run(command, capture_output=True, text=True, env=SCRIPT_ENV)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "resuming" in second.stdout
     segments = read_jsonl(folder / "segments.jsonl")
     assert [s["returncode"] for s in segments] == [128 + signal.SIGTERM, 0]
-    assert segments[1]["resumed_from_step"] == stopped_at  # a stop saves the iteration it finished
+    assert segments[1]["resumed_from_step"] == stopped_at  # resumed from the checkpoint the stop left
     assert (folder / "done").exists() and not (folder / "running").exists()
     (run_dir,) = folder.glob("runs/*")  # the resumed process continued the same run
     lines = read_jsonl(run_dir / "metrics.jsonl")

@@ -44,7 +44,7 @@ def test_parallel_evaluation_matches_one_episode_at_a_time(m, make_env, seeds):
     actors = [
         m.Actor(env.observation_space[a].shape[0], space, (16,)) for a, space in zip(env.agents, env.action_space)
     ]
-    returns = m.evaluate(actors, env.agents, gym.vector.SyncVectorEnv([make_env] * len(seeds)), seeds, device="cpu")
+    returns = m.evaluate(actors, env.agents, gym.vector.SyncVectorEnv([make_env] * len(seeds)), seeds)
     expected = [naive_evaluation(actors, make_env, seed) for seed in seeds]
     np.testing.assert_allclose(returns, expected, rtol=1e-6)
     assert len(set(np.round(returns, 6))) == len(seeds)  # different starts: the check compares distinct episodes

@@ -13,7 +13,6 @@ import os
 import signal
 import sys
 import tempfile
-import threading
 import time
 
 import gymnasium as gym
@@ -122,7 +121,7 @@ def value_norm_outputs(m) -> tuple:
     norm = m.ValueNorm(beta=0.9)
     norm.update(x(20) * 3 + 1)
     norm.update(x(30, seed=2))
-    return norm.mean_std(), norm.normalize(x(5)), norm.denormalize(x(5))
+    return norm.mean_std(), norm.state_dict()
 
 
 def critic_update_outputs(m) -> tuple:
@@ -141,9 +140,9 @@ def checkpoint_outputs(m, tmp_path) -> tuple:
     refuses another architecture and an unreadable file with one line and exit 2."""
     path = str(tmp_path / "checkpoint.pt")
     args = make_args(m, hidden_sizes=(8,), eval_checkpoint=path)  # hidden_sizes: an architecture arg of every script
-    saved = m.snapshot({"net": seeded(lambda: nn.Linear(3, 2))}, global_step=300, iteration=3,
-                       rng=np.random.default_rng(5), args=args)  # fmt: skip
-    m.save_checkpoint(saved, path)
+    m.save_checkpoint(path, parts={"net": seeded(lambda: nn.Linear(3, 2))}, global_step=300, iteration=3,
+                      rng=np.random.default_rng(5), args=args)  # fmt: skip
+    saved = torch.load(path, weights_only=False)
     net, rng = seeded(lambda: nn.Linear(3, 2), seed=1), np.random.default_rng(0)
     steps = m.restore(args, {"net": net}, rng)
     mismatch = exit_of(m.restore, make_args(m, hidden_sizes=(9,), eval_checkpoint=path), {"net": net}, rng)
@@ -167,7 +166,7 @@ def evaluate_outputs(m) -> np.ndarray:
     spaces = [envs.single_observation_space[a].shape[0] for a in agents]
     actors = [seeded(lambda: m.Actor(size, space, (8,)), seed) for seed, (size, space) in
               enumerate(zip(spaces, envs.single_action_space))]  # fmt: skip
-    return m.evaluate(actors, agents, envs, seeds=[5, 6], device="cpu")
+    return m.evaluate(actors, agents, envs, seeds=[5, 6])
 
 
 def env_action_outputs(m) -> list:
@@ -263,8 +262,8 @@ def start_run_outputs(m, tmp_path) -> tuple:
     )
 
 
-def snapshot_and_restore_outputs(m, tmp_path) -> list:
-    """A snapshot holds copies (later training does not change it); restore puts every part and the generators back."""
+def save_and_restore_outputs(m, tmp_path) -> list:
+    """save_checkpoint writes what --resume needs; restore puts every part and the random generators back."""
     net, nets = (
         seeded(lambda: nn.Linear(3, 2)),
         [seeded(lambda: nn.Linear(2, 2), 1), seeded(lambda: nn.Linear(2, 1), 2)],
@@ -273,9 +272,8 @@ def snapshot_and_restore_outputs(m, tmp_path) -> list:
     net(x(4, 3)).sum().backward()
     optimizer.step()
     parts = dict(net=net, nets=nets, optimizer=optimizer)
-    path = str(tmp_path / "snapshot.pt")
-    saved = m.snapshot(parts, global_step=300, iteration=3, rng=rng, args=m.Args(resume=path))
-    m.save_checkpoint(saved, path)
+    path = str(tmp_path / "checkpoint.pt")
+    m.save_checkpoint(path, parts, global_step=300, iteration=3, rng=rng, args=m.Args(resume=path))
     before = [p.detach().clone() for p in net.parameters()], rng.random(), torch.rand(2)
     with torch.no_grad():
         for p in [*net.parameters(), *nets[1].parameters()]:
@@ -283,59 +281,41 @@ def snapshot_and_restore_outputs(m, tmp_path) -> list:
     with contextlib.redirect_stdout(io.StringIO()):  # "resumed from ..."
         steps = m.restore(m.Args(resume=path), parts, rng)
     after = [p.detach().clone() for p in net.parameters()], rng.random(), torch.rand(2)
+    saved = torch.load(path, weights_only=False)
     assert saved["script"] == m.__name__ + ".py" and saved["args"] == vars(m.Args(resume=path))
+    assert steps == (300, 3) and not os.path.exists(path + ".tmp")
     return [steps, before, after, nets[1].state_dict(), optimizer.state_dict()["state"][0]["exp_avg"]]
 
 
-def interrupts_outputs(m) -> list:
-    """A signal raises KeyboardInterrupt(signal number) at once outside `with interrupts:` and at the block's end inside
-    it, also when the OS hands it to another thread (which pthread_sigmask in the main thread would not hold back)."""
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    events = []
+def interrupt_outputs(m) -> tuple:
+    """SIGTERM (like Ctrl-C) raises KeyboardInterrupt carrying the signal number: stop() exits with 128 + it."""
+    previous = signal.signal(signal.SIGTERM, m.raise_interrupt)
     try:
-        interrupts = m.Interrupts()
-        with pytest.raises(KeyboardInterrupt) as outside:
+        with pytest.raises(KeyboardInterrupt) as interrupt:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # the handler raises within this sleep
-            events.append("not interrupted")
-        events.append(("outside", outside.value.args))
-        other_thread = threading.Thread(target=time.sleep, args=(0.5,))  # started before the block, like torch's
-        other_thread.start()
-        with pytest.raises(KeyboardInterrupt) as inside:
-            with interrupts:
-                signal.pthread_kill(other_thread.ident, signal.SIGINT)
-                other_thread.join()
-                for _ in range(100):
-                    time.sleep(0.001)  # many chances for Python to run the handler in the main thread
-                events.append("the block ran to its end")
-        events.append(("inside", inside.value.args))
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    return events
-
-
-def test_interrupts_wait_for_the_end_of_the_block():
-    """Without this, a signal between a step's metrics line and its checkpoint left a checkpoint one step behind."""
-    assert interrupts_outputs(load_script("happo_mpe.py")) == [
-        ("outside", (signal.SIGTERM,)),
-        "the block ran to its end",
-        ("inside", (signal.SIGINT,)),
-    ]
+        signal.signal(signal.SIGTERM, previous)
+    assert interrupt.value.args == (signal.SIGTERM,)
+    return interrupt.value.args
 
 
 def stop_outputs(m, tmp_path) -> list:
-    """A NaN: exit 1 with one error line; Ctrl-C/SIGTERM: the last good checkpoint saved, exit 128 + signal, and the
-    command that resumes from it (an earlier --resume replaced, in both its forms)."""
-    path, argv, stdout = str(tmp_path / "r|1.pt"), sys.argv, io.StringIO()
-    results = [exit_of(m.stop, FloatingPointError("agent0/policy_loss is nan"), 100, None, path)]
+    """A NaN: exit 1 with one error line; Ctrl-C/SIGTERM: exit 128 + signal, naming the step the checkpoint holds and
+    the command that resumes from it (an earlier --resume replaced, in both its forms); with none, says so."""
+    path, argv, stdout = os.path.join(tempfile.mkdtemp(dir=tmp_path), "r|1.pt"), sys.argv, io.StringIO()
+    results = [exit_of(m.stop, FloatingPointError("agent0/policy_loss is nan"), 100, path)]
+    torch.save({"global_step": 50}, path)
     try:
         sys.argv = ["a.py", "--resume", "old.pt", "--seed", "2", "--resume=x y.pt"]
         with contextlib.redirect_stdout(stdout):
-            results.append(exit_of(m.stop, KeyboardInterrupt(15), 100, {"global_step": 50}, path))
+            results.append(exit_of(m.stop, KeyboardInterrupt(15), 100, path))
     finally:
         sys.argv = argv
-    return results + [stdout.getvalue().replace(path, "PATH"), torch.load(path)]
+    printed = stdout.getvalue().replace(path, "PATH")
+    assert results[0][0] == 1 and "nothing saved" in results[0][1] and results[1][0] == 128 + 15
+    assert "global_step=50" in printed and printed.endswith("python a.py --seed 2 --resume 'PATH'\n"), printed
+    return results + [printed]
 
 
 def agent_factorization_outputs(m) -> list:
@@ -367,7 +347,7 @@ HUMANOID_ACTIONS = [(np.full(9, 0.1 * j, np.float32), np.full(8, -0.1 * j, np.fl
 SPREAD_ACTIONS = [(0, 1, 2), (3, 4, 0), (1, 1, 1)]
 LISTENER_ACTIONS = [(np.full(3, 0.2, np.float32), np.linspace(0, 1, 5, dtype=np.float32))] * 3
 BAD_ARGS = [{"env_id": "nope"}, {"num_envs": 0}, {"hidden_sizes": ()}, {"gamma": 2.0}, {"total_timesteps": 10},
-            {"exp_name": "a/b"}, {"resume": "a.pt", "eval_checkpoint": "b.pt"}]  # fmt: skip
+            {"resume": "a.pt", "eval_checkpoint": "b.pt"}]  # fmt: skip
 
 BEHAVIOUR = {
     "fail": lambda m, tmp_path: exit_of(m.fail, "a message"),
@@ -409,9 +389,8 @@ BEHAVIOUR = {
     "safe_name": lambda m, tmp_path: m.safe_name("Humanoid-9|8__happo_mamujoco__1__17 x"),
     "start_run": start_run_outputs,
     "progress_line": lambda m, tmp_path: m.progress_line(step=3000, total=10_000, steps_per_second=1.5, episodes="-"),
-    "Interrupts": lambda m, tmp_path: interrupts_outputs(m),
-    "restore": snapshot_and_restore_outputs,
-    "snapshot": snapshot_and_restore_outputs,
+    "raise_interrupt": lambda m, tmp_path: interrupt_outputs(m),
+    "restore": save_and_restore_outputs,
     "with_video": lambda m, tmp_path: (
         type(
             m.with_video(
