@@ -104,9 +104,8 @@ def validate_args(args: Args):
 
 # Environment: one mpe2 parallel env as a gymnasium.Env, so gymnasium.vector can batch it
 class MPETeamEnv(gym.Env):
-    """Observation: Dict of the global state and each agent's observation; action: Tuple of per-agent actions; reward:
-    the team reward, the sum of the agents' rewards. Drives mpe2's `raw_env` through its AEC cycle as pettingzoo's
-    parallel_env does, minus wrapper layers that observe every agent twice a step (tests check the two match)."""
+    """Dict of the state and each agent's observation, Tuple of the agents' actions, the sum of their rewards. Drives
+    mpe2's raw_env as pettingzoo's parallel_env does, minus wrappers that observe each agent twice (tests compare)."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 

@@ -386,7 +386,6 @@ BEHAVIOUR = {
     "evaluate": lambda m, tmp_path: evaluate_outputs(m),
     "apply_tuned_values": lambda m, tmp_path: tuned_values_outputs(m),
     "check_finite": lambda m, tmp_path: check_finite_outputs(m),
-    "safe_name": lambda m, tmp_path: m.safe_name("Humanoid-9|8__happo_mamujoco__1__17 x"),
     "start_run": start_run_outputs,
     "progress_line": lambda m, tmp_path: m.progress_line(step=3000, total=10_000, steps_per_second=1.5, episodes="-"),
     "raise_interrupt": lambda m, tmp_path: interrupt_outputs(m),
