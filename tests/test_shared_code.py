@@ -76,11 +76,11 @@ def test_shared_helper_has_identical_source(key):
 # ----------------------------------------------------------------------------------------------------------------------
 # Behaviour: for each helper, a function of (script module, tmp_path) that calls it on fixed inputs and returns what
 # it produced. Every shared helper needs an entry; the results of all scripts defining it must be equal.
-def exit_of(function, *args) -> tuple:
+def exit_of(function, *args, **kwargs) -> tuple:
     """The exit code and stderr of a call that must exit."""
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exit_info:
-        function(*args)
+        function(*args, **kwargs)
     return exit_info.value.code, stderr.getvalue()
 
 
@@ -304,12 +304,13 @@ def stop_outputs(m, tmp_path) -> list:
     """A NaN: exit 1 with one error line; Ctrl-C/SIGTERM: exit 128 + signal, naming the step the checkpoint holds and
     the command that resumes from it (an earlier --resume replaced, in both its forms); with none, says so."""
     path, argv, stdout = os.path.join(tempfile.mkdtemp(dir=tmp_path), "r|1.pt"), sys.argv, io.StringIO()
-    results = [exit_of(m.stop, FloatingPointError("agent0/policy_loss is nan"), 100, path)]
+    nan = FloatingPointError("agent0/policy_loss is nan")
+    results = [exit_of(m.stop, reason=nan, global_step=100, checkpoint_path=path)]
     torch.save({"global_step": 50}, path)
     try:
         sys.argv = ["a.py", "--resume", "old.pt", "--seed", "2", "--resume=x y.pt"]
         with contextlib.redirect_stdout(stdout):
-            results.append(exit_of(m.stop, KeyboardInterrupt(15), 100, path))
+            results.append(exit_of(m.stop, reason=KeyboardInterrupt(15), global_step=100, checkpoint_path=path))
     finally:
         sys.argv = argv
     printed = stdout.getvalue().replace(path, "PATH")
