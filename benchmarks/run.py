@@ -11,6 +11,7 @@ Everything after `--` is passed to every run. Each run (script, env id, flags, s
     output.log        the script's stdout and stderr, appended over restarts
     segments.jsonl    one line per process: start and end time, the step it resumed from, exit code
     done / failed     written when the script exits 0 after its final evaluation / with an error
+    running           the run's lock (an flock, held by the runner and the script while the run runs)
 
 Runs are started with --save-model. Ctrl-C or SIGTERM asks every run to save the state after its last completed
 iteration and stop (a second signal kills them); the same command later resumes each unfinished run from its
@@ -19,6 +20,7 @@ The runner imports nothing from the scripts: it runs them as programs.
 """
 
 import argparse
+import fcntl
 import json
 import os
 import re
@@ -74,14 +76,18 @@ def latest_checkpoint(run_folder: Path) -> str | None:
     return str(max(checkpoints, key=os.path.getmtime)) if checkpoints else None
 
 
-def pid_alive(pid: int) -> bool:
+def lock_run(run_folder: Path) -> int | None:
+    """Take the run's lock, an flock on {run_folder}/running: the kernel releases it when the last process holding it
+    exits, however it exits, so a lock is never stale and never removed from under its holder. Returns the open
+    descriptor that holds it, or None when another process holds it."""
+    run_folder.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(run_folder / "running", os.O_CREAT | os.O_RDWR)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        return None
+    return descriptor
 
 
 def state(run_folder: Path) -> str:
@@ -90,32 +96,27 @@ def state(run_folder: Path) -> str:
         return "done"
     if (run_folder / "failed").exists():
         return "failed"
-    lock = run_folder / "running"
-    if lock.exists() and any(pid_alive(int(pid)) for pid in lock.read_text().split()):
+    if not (run_folder / "running").exists():
+        return "todo"
+    lock = lock_run(run_folder)
+    if lock is None:
         return "running"
+    os.close(lock)
     return "todo"
 
 
-def claim(run_folder: Path, retry_failed: bool) -> bool:
-    """Take the run's lock, so that runners sharing a results folder never start the same run twice."""
-    run_folder.mkdir(parents=True, exist_ok=True)
-    lock = run_folder / "running"
-    if lock.exists() and state(run_folder) != "running":
-        lock.unlink(missing_ok=True)  # left by a runner or a run that was killed
-    try:
-        descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return False
-    os.write(descriptor, f"{os.getpid()}\n".encode())
-    os.close(descriptor)
-    # another runner may have finished the run since it was planned (it writes done or failed before its unlock)
-    if (run_folder / "done").exists() or ((run_folder / "failed").exists() and not retry_failed):
-        lock.unlink()
-        return False
-    return True
+def claim(run_folder: Path, retry_failed: bool) -> int | None:
+    """Lock a run that is still to do, so that runners sharing a results folder never start it twice. Returns the
+    lock's descriptor (held until the run ends), or None if another runner holds the run or has finished it."""
+    lock = lock_run(run_folder)
+    # another runner may have finished the run since it was planned (it writes done or failed before it unlocks)
+    if lock is not None and ((run_folder / "done").exists() or ((run_folder / "failed").exists() and not retry_failed)):
+        os.close(lock)
+        return None
+    return lock
 
 
-def start(run: dict, results: Path) -> subprocess.Popen:
+def start(run: dict, results: Path, lock: int) -> subprocess.Popen:
     folder = results / run["key"]
     (folder / "failed").unlink(missing_ok=True)
     command = [sys.executable, str(REPO / run["script"]), "--seed", str(run["seed"]), "--save-model"]
@@ -128,10 +129,14 @@ def start(run: dict, results: Path) -> subprocess.Popen:
     log = open(folder / "output.log", "a")
     log.write(f"\n$ {' '.join(command)}\n")
     log.flush()
-    # a session of its own: a Ctrl-C in the terminal reaches the runner only, which then stops each run once
-    process = subprocess.Popen(command, cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    (folder / "running").write_text(f"{os.getpid()} {process.pid}\n")
-    process.run, process.folder, process.log, process.started = run, folder, log, time.time()
+    # a session of its own: a Ctrl-C in the terminal reaches the runner only, which then stops each run once. The run
+    # inherits the lock, so the run stays locked while the script lives, even if this runner is killed
+    process = subprocess.Popen(
+        command, cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, pass_fds=(lock,)
+    )
+    os.ftruncate(lock, 0)
+    os.write(lock, f"runner {os.getpid()}, script {process.pid}\n".encode())  # for a person who looks
+    process.run, process.folder, process.log, process.lock, process.started = run, folder, log, lock, time.time()
     process.resumed_from = checkpoint
     return process
 
@@ -150,14 +155,16 @@ def finish(process: subprocess.Popen, stopping: bool) -> str:
     )
     with open(folder / "segments.jsonl", "a") as f:
         f.write(json.dumps(segment) + "\n")
-    (folder / "running").unlink(missing_ok=True)
     if returncode == 0:
         (folder / "done").write_text("")
-        return "done"
-    if stopping:  # asked to stop (exit code 143), or killed by a second Ctrl-C: resumable, not failed
-        return "stopped"
-    (folder / "failed").write_text(f"exit code {returncode}; see output.log\n")
-    return f"failed (exit code {returncode}, see {folder / 'output.log'})"
+        outcome = "done"
+    elif stopping:  # asked to stop (exit code 143), or killed by a second Ctrl-C: resumable, not failed
+        outcome = "stopped"
+    else:
+        (folder / "failed").write_text(f"exit code {returncode}; see output.log\n")
+        outcome = f"failed (exit code {returncode}, see {folder / 'output.log'})"
+    os.close(process.lock)  # unlock after done or failed is written (the lock file stays: see lock_run)
+    return outcome
 
 
 def main(argv=None) -> int:
@@ -185,10 +192,11 @@ def main(argv=None) -> int:
     while queue or active:
         while queue and len(active) < args.workers and not signals:
             run = queue.pop(0)
-            if not claim(results / run["key"], args.retry_failed):  # another runner took it meanwhile
+            lock = claim(results / run["key"], args.retry_failed)
+            if lock is None:  # another runner took it meanwhile
                 print(f"skip {run['key']}: {state(results / run['key'])}")
                 continue
-            process = start(run, results)
+            process = start(run, results, lock)
             active.append(process)
             how = f"resuming {process.resumed_from}" if process.resumed_from else "starting"
             print(f"{how}: {process.run['key']}", flush=True)

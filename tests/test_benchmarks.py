@@ -4,6 +4,7 @@ speed benchmark and the W&B sweep configuration, each run on the real scripts at
 import csv
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -67,7 +68,8 @@ def test_runner_stops_on_sigterm_resumes_from_the_checkpoint_and_skips_finished_
     segments = read_jsonl(folder / "segments.jsonl")
     assert [s["returncode"] for s in segments] == [128 + signal.SIGTERM, 0]
     assert segments[1]["resumed_from_step"] == stopped_at  # resumed from the checkpoint the stop left
-    assert (folder / "done").exists() and not (folder / "running").exists()
+    assert (folder / "done").exists() and run.state(folder) == "done"
+    os.close(run.lock_run(folder))  # the runner and the script let go of the lock
     (run_dir,) = folder.glob("runs/*")  # the resumed process continued the same run
     lines = read_jsonl(run_dir / "metrics.jsonl")
     steps = [m["global_step"] for m in lines if "charts/SPS" in m]
@@ -121,21 +123,75 @@ def test_two_runners_sharing_a_results_folder_never_start_the_same_run(tmp_path)
     assert [len(read_jsonl(f / "segments.jsonl")) for f in folders] == [1, 1], outputs
 
 
-def test_a_run_is_claimed_once_and_never_after_it_finished(tmp_path):
+CLAIM_AND_HOLD = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from benchmarks import run
+go = Path(sys.argv[3])
+while not go.exists():  # start together, to race for the claim
+    time.sleep(0.001)
+lock = run.claim(Path(sys.argv[2]), retry_failed=False)
+print("claimed" if lock is not None else "refused", flush=True)
+time.sleep(float(sys.argv[4]))
+"""
+
+
+def claimers(folder: Path, go: Path, count: int, hold_seconds: float) -> list[subprocess.Popen]:
+    command = [sys.executable, "-c", CLAIM_AND_HOLD, str(REPO), str(folder), str(go), str(hold_seconds)]
+    return [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(count)]
+
+
+def test_processes_racing_for_a_run_claim_it_exactly_once(tmp_path):
+    """Six processes released at once claim each of five runs: one wins each run, also on a loaded machine, where the
+    old pid-file lock let a runner remove a lock that another had just created."""
+    go = tmp_path / "go"
+    racers = {n: claimers(tmp_path / f"run{n}", go, count=6, hold_seconds=1.0) for n in range(5)}
+    time.sleep(1.0)  # let the interpreters start and wait for the signal
+    go.write_text("")
+    for n, processes in racers.items():
+        outcomes = sorted(p.communicate(timeout=120)[0].strip() for p in processes)
+        assert outcomes == ["claimed"] + ["refused"] * 5, (n, outcomes)
+
+
+def test_a_run_is_claimed_once_unlocked_when_its_holder_dies_and_never_claimed_after_it_finished(tmp_path):
     folder = tmp_path / "run"
-    assert run.claim(folder, retry_failed=False) and run.state(folder) == "running"
-    assert not run.claim(folder, retry_failed=False)  # held by a live process (this one)
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (folder / "running").write_text(f"{dead.pid}\n")  # left by a killed runner
-    assert run.state(folder) == "todo" and run.claim(folder, retry_failed=False)
-    (folder / "running").unlink()
+    assert run.state(folder) == "todo"
+    lock = run.claim(folder, retry_failed=False)
+    assert lock is not None and run.state(folder) == "running"
+    assert run.claim(folder, retry_failed=False) is None  # held (by this process, through another descriptor)
+    os.close(lock)
+    assert run.state(folder) == "todo"
+    (holder,) = claimers(folder, go=tmp_path, count=1, hold_seconds=600)  # go exists: claims at once, then holds
+    assert holder.stdout.readline().strip() == "claimed" and run.state(folder) == "running"
+    holder.kill()  # a runner killed while its run runs: the kernel releases the lock
+    holder.wait()
+    assert run.state(folder) == "todo"
     (folder / "failed").write_text("")  # finished by another runner between its planning and its claim
-    assert not run.claim(folder, retry_failed=False) and not (folder / "running").exists()
-    assert run.claim(folder, retry_failed=True)
-    (folder / "running").unlink()
+    assert run.claim(folder, retry_failed=False) is None
+    lock = run.claim(folder, retry_failed=True)
+    assert lock is not None
+    os.close(lock)
     (folder / "done").write_text("")
-    assert not run.claim(folder, retry_failed=True) and not (folder / "running").exists()
+    assert run.claim(folder, retry_failed=True) is None and run.state(folder) == "done"
+
+
+def test_the_run_holds_its_lock_even_when_its_runner_is_killed(tmp_path):
+    command = runner(tmp_path, "--scripts", "happo_mpe.py", "--seeds", "1", "--", *tiny(100_000))
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=SCRIPT_ENV)
+    assert first.stdout.readline().startswith("starting")
+    first.kill()  # SIGKILL: the runner cannot stop its run, which goes on in a session of its own
+    first.wait()
+    (folder,) = tmp_path.iterdir()
+    assert run.state(folder) == "running"
+    second = subprocess.run(command, capture_output=True, text=True, env=SCRIPT_ENV, timeout=120)
+    assert second.returncode == 0 and f"skip {folder.name}: running" in second.stdout
+    script_pid = int((folder / "running").read_text().split("script ")[1].split()[0])
+    os.kill(script_pid, signal.SIGKILL)
+    deadline = time.time() + 60
+    while run.state(folder) == "running" and time.time() < deadline:
+        time.sleep(0.1)
+    assert run.state(folder) == "todo"
 
 
 def test_runner_rejects_an_unknown_script_in_one_line(tmp_path):
