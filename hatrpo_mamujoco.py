@@ -46,16 +46,6 @@ FACTORIZATIONS = {
 }
 ENV_IDS = (*(f"{scenario}-{p}" for scenario, partitions in PARTITIONS.items() for p in partitions), *FACTORIZATIONS)
 
-# HARL's tuned values per task where they differ from the defaults of Args (its tuned_configs/mamujoco, gym v2 models)
-TUNED = {
-    "Ant-4x2": dict(kl_threshold=0.005),
-    "HalfCheetah-2x3": dict(kl_threshold=0.01),
-    "Hopper-3x1": dict(kl_threshold=0.001),
-    "Walker2d-2x3": dict(kl_threshold=0.01),
-    "Walker2d-6x1": dict(kl_threshold=0.005),
-}  # fmt: skip
-TUNED["Ant-2x4"] = TUNED["Ant-4x2"]  # HARL did not tune Ant-2x4: the nearest tuned task
-
 
 @dataclass
 class Args:
@@ -77,8 +67,8 @@ class Args:
     """Scenario-Partition: Ant-2x4, Ant-2x4d, Ant-4x2, Ant-8x1, HalfCheetah-2x3, HalfCheetah-3x2, HalfCheetah-6x1,
     Hopper-3x1, Humanoid-9|8, Humanoid-17x1, HumanoidStandup-9|8, HumanoidStandup-17x1, Pusher-3p, Reacher-2x1,
     Swimmer-2x1, Walker2d-2x3, Walker2d-3x2, Walker2d-6x1, ManySegmentSwimmer-NxK, ManySegmentAnt-NxK (N agents of K
-    segments). Ids in this script's TUNED run with HARL's tuned values (Ant-2x4 with Ant-4x2's), others with the
-    defaults below; a flag given on the command line wins"""
+    segments). Ids in the TUNED table run with HARL's tuned values, not the defaults shown here (Ant-2x4: Ant-4x2's);
+    a flag given wins. The run's first line lists the tuned values taken and the flags that overrode one"""
     agent_obsk: int | None = None  # None: each agent sees the full state and its one-hot id; K: joints within K hops
     async_envs: bool = False  # step the envs in subprocesses (gymnasium.vector.AsyncVectorEnv), not in this process
     total_timesteps: int = 10_000_000  # env steps in all (one per env per vector step, all agents acting at once)
@@ -110,6 +100,17 @@ class Args:
     num_iterations: tyro.conf.Suppress[int] = 0  # the number of iterations (total_timesteps // batch_size)
 
 
+# HARL's tuned values per task where they differ from the defaults above (its tuned_configs/mamujoco, gym v2 models)
+TUNED = {
+    "Ant-4x2": dict(kl_threshold=0.005),
+    "HalfCheetah-2x3": dict(kl_threshold=0.01),
+    "Hopper-3x1": dict(kl_threshold=0.001),
+    "Walker2d-2x3": dict(kl_threshold=0.01),
+    "Walker2d-6x1": dict(kl_threshold=0.005),
+}  # fmt: skip
+TUNED["Ant-2x4"] = TUNED["Ant-4x2"]  # HARL did not tune Ant-2x4: the nearest tuned task
+
+
 def fail(message: str):
     """A user's mistake: one line on stderr, exit code 2."""
     print(f"error: {message}", file=sys.stderr)
@@ -117,10 +118,13 @@ def fail(message: str):
 
 
 def apply_tuned_values(args: Args, argv: list[str], tuned: dict) -> dict:
-    """Set the fields of `tuned` (a TUNED entry) that argv does not give, as a flag given wins. Returns those set."""
+    """Set the fields of a TUNED entry that argv does not give (a flag given wins); print them. Returns those set."""
     given = {flag.split("=")[0][2:].removeprefix("no-").replace("-", "_") for flag in argv if flag.startswith("--")}
     applied = {name: value for name, value in tuned.items() if name not in given}
     vars(args).update(applied)
+    taken = " ".join(f"{name}={value}" for name, value in applied.items()) or "none"
+    overridden = " ".join(f"{name}={getattr(args, name)}" for name in tuned if name in given) or "none"
+    print(f"{args.env_id}: from HARL's tuned values (TUNED) {taken}; overridden by a flag: {overridden}")
     return applied
 
 
@@ -234,6 +238,13 @@ class MaMuJoCoTeamEnv(gym.Env):
 
 def make_env(env_id: str, agent_obsk: int | None, render_mode: str | None = None):
     return lambda: MaMuJoCoTeamEnv(env_id, agent_obsk, render_mode)  # gymnasium.vector builds each env from a thunk
+
+
+def env_action(action: torch.Tensor, space: gym.spaces.Box) -> np.ndarray:
+    """The torques sent: a Gaussian sample a in [-1, 1] mapped linearly onto [low, high] as HARL does, then clipped
+    to the bounds (bounds of +-1, as HalfCheetah's, Ant's, Walker2d's: a itself). The stored action is a."""
+    center, half_width = (space.high + space.low) / 2, (space.high - space.low) / 2
+    return np.clip(center + half_width * action.numpy(), space.low, space.high)
 
 
 # Networks (HARL's architecture: input LayerNorm, then [Linear, ReLU, LayerNorm] per hidden layer)
@@ -528,13 +539,6 @@ def stop(reason: BaseException, global_step: int, checkpoint_path: str):
     sys.exit(128 + reason.args[0])
 
 
-def env_action(action: torch.Tensor, space: gym.spaces.Box) -> np.ndarray:
-    """The torques sent to the env: a Gaussian sample a in [-1, 1] mapped linearly onto [low, high] as HARL does, then
-    clipped to the bounds. The stored action is the sample a itself. Bounds of +-1 (HalfCheetah, Ant, Walker2d): a."""
-    center, half_width = (space.high + space.low) / 2, (space.high - space.low) / 2
-    return np.clip(center + half_width * action.numpy(), space.low, space.high)
-
-
 def env_seeds(seed: int, num_envs: int, purpose: int, step: int = 0) -> list[int]:
     """One seed per env from its own SeedSequence stream (run seed, purpose, step, env index): neighbouring run seeds
     share no env. purpose 0: the training envs, started at `step` (a resume starts fresh episodes); 1: evaluation."""
@@ -661,16 +665,13 @@ if __name__ == "__main__":
                     terminations[step] = torch.as_tensor(terminated)
                     dones[step] = torch.as_tensor(done)
                     next_state = torch.as_tensor(next_obs["state"])
-                    next_value = critic(next_state)
                     # V(s_{t+1}) of the true next state: where an episode ended, its final state, not the reset one
-                    next_values[step] = next_value
+                    next_values[step] = next_value = critic(next_state)
                     if done.any():
-                        ended = np.flatnonzero(done)
-                        final_states = np.stack([infos["final_obs"][j]["state"] for j in ended])
-                        next_values[step, ended] = critic(torch.as_tensor(final_states))
+                        final_states = np.stack([infos["final_obs"][j]["state"] for j in np.flatnonzero(done)])
+                        next_values[step, torch.as_tensor(done)] = critic(torch.as_tensor(final_states))
 
-                    episode_returns += reward
-                    episode_lengths += 1
+                    episode_returns, episode_lengths = episode_returns + reward, episode_lengths + 1
                     finished_returns += list(episode_returns[done])
                     finished_lengths += list(episode_lengths[done])
                     episode_returns[done], episode_lengths[done] = 0.0, 0

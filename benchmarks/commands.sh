@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The commands behind every number in README "Results", in the order the runs were made. Each runner call skips
+# The commands behind every benchmark number in README.md and docs/, in the order the runs were made. Each runner call skips
 # finished runs and resumes stopped ones, so the file can simply be run again after an interruption. Two copies may run
 # at once on one results folder (`WORKERS=1 bash benchmarks/commands.sh &` twice): they never start the same run.
 # Our numbers: a 2-core machine, one torch thread per run (the scripts' default), two runs at a time.
@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN="python benchmarks/run.py --workers ${WORKERS:-2}"
-MPE="--num-envs 8"  # HARL's MPE rollout: 8 envs x 200 steps
+MPE="--num-envs 8"  # 8 envs x 200 steps, as our HARL anchor runs (HARL's tuned MPE configs use 20 envs)
 
 runs() {
     # --- MaMuJoCo at the papers' budget: 10M steps, 3 seeds, HARL's tuned values (the scripts' defaults for these ids),
@@ -32,7 +32,8 @@ runs() {
 
 # The runs behind the earlier results in docs/ (1M-step MaMuJoCo, MPE tasks, ablations, MATRPO's three modes), made
 # before env i of a run got its own seed stream (it was seeded with seed + i) and before the tuned-values table (the
-# HalfCheetah-2x3 flags below then gave HARL's values except its 15 critic epochs).
+# HalfCheetah-2x3 flags below then gave HARL's values except its 15 critic epochs). Their summaries and curves are in
+# benchmarks/report_earlier/ (the run folders were not kept); CHANGELOG.md says what changed since.
 earlier_runs() {
     # --- MPE simple_spread_v3, discrete, 3 seeds, 2M steps (the HARL anchor's task and settings)
     $RUN --scripts happo_mpe.py hatrpo_mpe.py --env-ids simple_spread_v3 --seeds 1 2 3 -- \
@@ -43,7 +44,7 @@ earlier_runs() {
         $RUN --scripts happo_mpe.py --env-ids simple_spread_v3 --seeds 1 2 3 -- $MPE --total-timesteps 500000 $ablation
     done
 
-    # --- MaMuJoCo HalfCheetah-2x3, 1M steps, HAPPO with HARL's tuned values (SPEC 3.5), 3 seeds; then its ablations
+    # --- MaMuJoCo HalfCheetah-2x3, 1M steps, HAPPO with HARL's tuned values, 3 seeds; then its ablations
     # (3 seeds, 500k steps; the baseline is the tuned runs at 500k), HATRPO (HARL has no tuned values) seed 1
     HALFCHEETAH_HAPPO="--clip-coef 0.05 --ppo-epochs 15 --ent-coef 0.01"
     $RUN --scripts happo_mamujoco.py --env-ids HalfCheetah-2x3 --seeds 1 2 3 -- \
@@ -61,7 +62,7 @@ earlier_runs() {
     $RUN --scripts hatrpo_mamujoco.py --env-ids Walker2d-2x3 --seeds 1 -- --total-timesteps 1000000
     $RUN --scripts hatrpo_mamujoco.py --env-ids HalfCheetah-2x3 --seeds 2 3 -- --total-timesteps 1000000
 
-    # --- the other MPE tasks of the issue, 3 seeds, 2M steps
+    # --- the other MPE tasks, 3 seeds, 2M steps
     $RUN --scripts happo_mpe.py hatrpo_mpe.py --env-ids simple_spread_v3 --seeds 1 2 3 -- \
         $MPE --total-timesteps 2000000 --continuous-actions
     $RUN --scripts happo_mpe.py hatrpo_mpe.py --env-ids simple_speaker_listener_v4 --seeds 1 2 3 -- \

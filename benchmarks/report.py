@@ -144,9 +144,7 @@ def mean_std(values) -> tuple[float, float]:
 def summarise(configs: dict, window: int) -> list[dict]:
     rows = []
     for (script, env_id, flags), runs in sorted(configs.items()):
-        final = [
-            window_mean(r["steps"], r["returns"], r["steps"][-1], window) if len(r["steps"]) else math.nan for r in runs
-        ]
+        final = [window_mean(r["steps"], r["returns"], r["last_step"], window) for r in runs]  # at the last logged step
         final_mean, final_std = mean_std(final)
         eval_mean, eval_std = mean_std([r["eval_return"] for r in runs])
         rows.append(

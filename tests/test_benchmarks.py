@@ -239,6 +239,20 @@ def test_report_averages_the_last_window_of_each_seed_then_over_seeds(tmp_path):
     assert list(out.glob("curves/*.png")) == [out / "curves" / "x.png"]
 
 
+def test_report_final_return_is_taken_at_the_last_logged_step_even_when_no_episode_ended_there(tmp_path):
+    """Seed 1 logs returns up to 40k and one more iteration at 50k with none: its final window is (30k, 50k]."""
+    write_run(tmp_path, 1, [-80.0, -70.0, -60.0, -50.0])
+    metrics = tmp_path / "happo_mpe__x__s1" / "runs" / "r" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + "\n" + json.dumps({"global_step": 50_000, "charts/SPS": 1000}))
+    out = tmp_path / "out"
+    report.main(
+        ["--results", str(tmp_path), "--out", str(out), "--anchors", str(tmp_path / "none"), "--window", "20000"]
+    )
+    (row,) = list(csv.DictReader(open(out / "summary.csv")))
+    assert float(row["final_return_mean"]) == -50.0  # the value at 40k alone, not the mean of 30k and 40k
+    assert float(row["steps_mean"]) == 50_000
+
+
 def test_report_milestones_average_the_seeds_that_reached_each_step_and_include_the_anchors(tmp_path):
     write_run(tmp_path, 1, [-80.0 + i for i in range(30)])  # 300k steps
     write_run(tmp_path, 2, [-90.0 + i for i in range(26)])  # 260k steps

@@ -273,9 +273,29 @@ def test_a_flag_on_the_command_line_wins_over_the_table_even_at_the_default(flag
         assert getattr(args, field) == value, field
 
 
-def test_args_json_records_the_values_used_and_those_from_the_table(tmp_path):
-    run_ok("happo_mamujoco.py", "--env-id", "HalfCheetah-2x3", "--clip-coef", "0.2", *TINY, cwd=tmp_path)
+def test_the_first_line_and_args_json_tell_the_values_from_the_table_and_the_flags_that_overrode_one(tmp_path):
+    result = run_ok("happo_mamujoco.py", "--env-id", "HalfCheetah-2x3", "--clip-coef", "0.2", *TINY, cwd=tmp_path)
+    assert result.stdout.splitlines()[0] == (
+        "HalfCheetah-2x3: from HARL's tuned values (TUNED) ppo_epochs=15 critic_epochs=15 ent_coef=0.01; "
+        "overridden by a flag: clip_coef=0.2"
+    )
     (run_dir,) = run_dirs(tmp_path)
     args = json.loads((run_dir / "args.json").read_text())
     assert (args["clip_coef"], args["ppo_epochs"], args["critic_epochs"], args["ent_coef"]) == (0.2, 15, 15, 0.01)
     assert args["from_tuned_table"] == {"ppo_epochs": 15, "critic_epochs": 15, "ent_coef": 0.01}
+
+
+@pytest.mark.parametrize(
+    "script, env_id, line",
+    [("hatrpo_mamujoco.py", "Hopper-3x1", "Hopper-3x1: from HARL's tuned values (TUNED) kl_threshold=0.001; overridden "
+      "by a flag: none"),
+     ("happo_mamujoco.py", "HalfCheetah-6x1", "HalfCheetah-6x1: from HARL's tuned values (TUNED) none; overridden by a "
+      "flag: none")],
+)  # fmt: skip
+def test_the_help_and_the_first_line_say_which_tuned_values_a_task_takes(script, env_id, line):
+    m = load_script(script)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        m.apply_tuned_values(tyro.cli(m.Args, args=["--env-id", env_id]), ["--env-id", env_id], m.TUNED.get(env_id, {}))
+    assert out.getvalue() == line + "\n"
+    help_text = subprocess.run(script_command(script, "--help"), capture_output=True, text=True).stdout
+    assert "first line lists the tuned values" in " ".join(help_text.replace("│", " ").split())  # without tyro's box
