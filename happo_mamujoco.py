@@ -170,8 +170,8 @@ def agent_factorization(env_id: str) -> dict | None:
 
 
 def standardize(x: np.ndarray) -> np.ndarray:
-    """A vector minus its mean, over its standard deviation, across its own features (HARL's MaMuJoCo inputs)."""
-    return ((x - x.mean()) / (x.std() + 1e-8)).astype(np.float32)
+    """Each input (a row of x) minus its mean, over its standard deviation, across its features (HARL's MaMuJoCo)."""
+    return ((x - x.mean(-1, keepdims=True)) / (x.std(-1, keepdims=True) + 1e-8)).astype(np.float32)
 
 
 class MaMuJoCoTeamEnv(gym.Env):
@@ -214,9 +214,9 @@ class MaMuJoCoTeamEnv(gym.Env):
         return robot_action
 
     def _observe(self, state: np.ndarray, agent_obs: dict | None = None) -> dict:
-        if agent_obs is None:  # each agent observes the full state and its one-hot id
-            one_hots = np.eye(len(self.agents))
-            agent_obs = {a: np.concatenate([state, one_hots[i]]) for i, a in enumerate(self.agents)}
+        if agent_obs is None:  # each agent observes the full state and its one-hot id: one row each, one call
+            rows = standardize(np.hstack([np.tile(state, (len(self.agents), 1)), np.eye(len(self.agents))]))
+            return {"state": standardize(state), **dict(zip(self.agents, rows))}
         return {"state": standardize(state), **{a: standardize(agent_obs[a]) for a in self.agents}}
 
     def reset(self, seed=None, options=None):

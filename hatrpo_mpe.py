@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 from torch import nn
-from torch.distributions import Categorical, Independent, Normal
+from torch.distributions import Categorical, Independent, Normal, kl_divergence
 
 ENV_IDS = ("simple_spread_v3", "simple_reference_v3", "simple_speaker_listener_v4")
 
@@ -59,6 +59,7 @@ class Args:
     accept_ratio: float = 0.5  # accept a fraction whose improvement is above accept_ratio x the linear prediction
     cg_iters: int = 10  # conjugate gradient iterations solving (F + damping I) x = g
     cg_damping: float = 0.1  # the damping added to the Fisher matrix F
+    fvp_subsample: int = 1  # Fisher-vector products on every K-th step of each env (HARL: 1, every step)
     num_minibatches: int = 1  # minibatches per epoch
     clip_coef: float = 0.2  # the clipping coefficient of the value loss
     critic_epochs: int = 5  # epochs of the critic update
@@ -78,7 +79,8 @@ def fail(message: str):
 
 ARG_RANGES = (  # (fields, test, what the error message says), checked by validate_args
     ("num_envs num_steps total_timesteps num_minibatches critic_epochs max_cycles eval_episodes torch_threads "
-     "critic_learning_rate max_grad_norm huber_delta kl_threshold ls_steps cg_iters", lambda x: x > 0, "positive"),
+     "critic_learning_rate max_grad_norm huber_delta kl_threshold ls_steps cg_iters fvp_subsample", lambda x: x > 0,
+     "positive"),
     ("hidden_sizes", lambda x: len(x) > 0 and min(x) > 0, "one or more positive sizes"),
     ("gamma gae_lambda clip_coef backtrack_coef", lambda x: 0 < x <= 1, "in (0, 1]"),
     ("eval_interval accept_ratio cg_damping", lambda x: x >= 0, ">= 0"),
@@ -250,30 +252,29 @@ def conjugate_gradient(matrix_vector_product: Callable, b: torch.Tensor, iters: 
 
 def fisher_vector_product(actor, obs, damping: float) -> Callable:
     """v -> (F + damping I) v, F = J^T H J the Hessian of the batch-mean KL(pi_old || pi_theta) at theta_old (exact
-    there, where the KL's gradient in u is 0): H the KL's Hessian in the distribution's parameters u, J = du/dtheta."""
-    names, shapes = zip(*[(name, p.shape) for name, p in actor.named_parameters()])
-    theta_old = nn.utils.parameters_to_vector(actor.parameters()).detach()
-
-    def dist_params(theta):  # u(theta) for the flat parameter vector theta
-        chunks = theta.split([shape.numel() for shape in shapes])
-        return torch.func.functional_call(actor, {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}, (obs,))
-
-    u_old, pullback = torch.func.vjp(dist_params, theta_old)  # pullback(w) = J^T w by reverse mode
+    there, where the KL's gradient in u is 0): H the KL's Hessian in the distribution's parameters u, J = du/dtheta.
+    One forward pass serves every product: J^T backpropagates through it and J v differentiates J^T w in w."""
+    params, u_old = list(actor.parameters()), actor(obs)  # u(theta_old), its graph kept for all the products
     u = tuple(p.detach().requires_grad_() for p in u_old)  # a new leaf at u_old, to differentiate the KL in
-    kl = torch.distributions.kl_divergence(actor.distribution_from(u_old), actor.distribution_from(u))
-    kl_grad = torch.autograd.grad(kl.mean(), u, create_graph=True)
+    pi_old = actor.distribution_from(tuple(p.detach() for p in u_old))
+    kl_grad = torch.autograd.grad(kl_divergence(pi_old, actor.distribution_from(u)).mean(), u, create_graph=True)
+    w = tuple(torch.zeros_like(p, requires_grad=True) for p in u_old)  # J^T w is linear in w: its derivative is J
+    J_T_w = torch.autograd.grad(u_old, params, grad_outputs=w, create_graph=True)
 
     def fvp(v: torch.Tensor) -> torch.Tensor:
-        _, J_v = torch.func.jvp(dist_params, (theta_old,), (v,))  # J v by forward mode
+        v_per_param = [chunk.view_as(p) for chunk, p in zip(v.split([p.numel() for p in params]), params)]
+        J_v = torch.autograd.grad(J_T_w, w, grad_outputs=v_per_param, retain_graph=True)  # d(v . J^T w)/dw = J v
         H_J_v = torch.autograd.grad(kl_grad, u, grad_outputs=J_v, retain_graph=True)
-        return pullback(H_J_v)[0] + damping * v
+        J_T_H_J_v = torch.autograd.grad(u_old, params, grad_outputs=H_J_v, retain_graph=True)
+        return nn.utils.parameters_to_vector(J_T_H_J_v) + damping * v
 
     return fvp
 
 
-def hatrpo_update(actor, obs, actions, logp_old, advantages, factor, args: Args) -> dict:
+def hatrpo_update(actor, obs, actions, logp_old, advantages, factor, args: Args) -> tuple[dict, torch.Tensor]:
     """Update of agent i_m, with r = pi_new(a|o) / pi_old(a|o) and M the factor of the agents updated before it.
-    HATRPO: maximise L = E[r M A] s.t. mean KL(pi_old || pi_new) < delta by a line-searched natural-gradient step."""
+    HATRPO: maximise L = E[r M A] s.t. mean KL(pi_old || pi_new) < delta by a line-searched natural-gradient step.
+    Returns the metrics and log pi_new(a|o), for the factor of the next agent."""
 
     def surrogate(dist) -> torch.Tensor:  # L = E[r M A], with the same ratio in the gradient and the line search
         return (torch.exp(dist.log_prob(actions) - logp_old) * factor * advantages).mean()
@@ -281,7 +282,8 @@ def hatrpo_update(actor, obs, actions, logp_old, advantages, factor, args: Args)
     theta_old, dist_old = nn.utils.parameters_to_vector(actor.parameters()).detach(), actor.distribution(obs)
     L_old = surrogate(dist_old)  # L at theta_old
     g = nn.utils.parameters_to_vector(torch.autograd.grad(L_old, actor.parameters()))
-    fvp = fisher_vector_product(actor, obs, args.cg_damping)
+    fisher_obs = obs.unflatten(0, (-1, args.num_envs))[:: args.fvp_subsample].flatten(0, 1)  # K-th steps of each env
+    fvp = fisher_vector_product(actor, fisher_obs, args.cg_damping)
     x = conjugate_gradient(fvp, g, args.cg_iters)  # x = (F + damping I)^{-1} g
     x_F_x = x @ fvp(x)  # the full step s = beta x has the quadratic KL estimate 1/2 s^T (F + damping I) s = delta
     full_step = x * torch.sqrt(2 * args.kl_threshold / x_F_x) if x_F_x > 0 else torch.zeros_like(x)
@@ -291,17 +293,18 @@ def hatrpo_update(actor, obs, actions, logp_old, advantages, factor, args: Args)
             fraction = args.backtrack_coef**steps
             nn.utils.vector_to_parameters(theta_old + fraction * full_step, actor.parameters())
             dist = actor.distribution(obs)
-            kl = torch.distributions.kl_divergence(dist_old, dist).mean().item()
+            kl = kl_divergence(dist_old, dist).mean().item()
             improvement = (surrogate(dist) - L_old).item()
             if kl < args.kl_threshold and improvement > 0 and improvement / (fraction * predicted) > args.accept_ratio:
                 break
         else:  # no fraction accepted: restore the old parameters (the agent's ratio stays 1)
             nn.utils.vector_to_parameters(theta_old, actor.parameters())
             steps, fraction, dist, kl, improvement = args.ls_steps, 0.0, dist_old, 0.0, 0.0
-        logratio = dist.log_prob(actions) - logp_old  # approx_kl: http://joschu.net/blog/kl-approx.html
+        logp_new = dist.log_prob(actions)
+        logratio = logp_new - logp_old  # approx_kl: http://joschu.net/blog/kl-approx.html
         return dict(policy_loss=-(L_old.item() + improvement), entropy=dist.entropy().mean().item(),
                     approx_kl=((logratio.exp() - 1) - logratio).mean().item(), kl=kl, improvement=improvement,
-                    expected_improvement=fraction * predicted, line_search_steps=steps)  # fmt: skip
+                    expected_improvement=fraction * predicted, line_search_steps=steps), logp_new  # fmt: skip
 
 
 def critic_update(critic, optimizer, states, targets, old_values, args: Args, rng: np.random.Generator) -> float:
@@ -595,10 +598,9 @@ if __name__ == "__main__":
             order = list(range(num_agents)) if args.fixed_order else list(rng.permutation(num_agents))
             factor, stats = torch.ones_like(b_logprobs[0]), {}
             for i in order:
-                stats[i] = hatrpo_update(actors[i], b_obs[i], b_actions[i], b_logprobs[i], b_advantages, factor, args)
+                stats[i], logp_new = hatrpo_update(actors[i], b_obs[i], b_actions[i], b_logprobs[i], b_advantages,
+                                                   factor, args)  # fmt: skip
                 if args.sequential:
-                    with torch.no_grad():
-                        logp_new = actors[i].distribution(b_obs[i]).log_prob(b_actions[i])
                     factor = factor * torch.exp(logp_new - b_logprobs[i])
 
             # critic: normalise the targets with statistics that include this batch, then fit V(s)

@@ -57,7 +57,7 @@ class Args:
     backtrack_coef: float = 0.5  # the line search tries the fractions backtrack_coef**j, j = 0 .. ls_steps - 1
     cg_iters: int = 10  # conjugate gradient iterations solving (F + damping I) s = b
     cg_damping: float = 0.01  # the damping added to the Fisher matrix F
-    fisher_subsample: int = 5  # Fisher-vector products on every fisher_subsample-th step of each env (the authors' 5)
+    fvp_subsample: int = 5  # Fisher-vector products on every K-th step of each env (the authors' 5)
     critic_learning_rate: float = 3e-4  # Adam learning rate of the critics
     critic_epochs: int = 3  # epochs of the critic update
     critic_minibatch_size: int = 64  # samples per critic minibatch (reshuffled each epoch; a last partial one dropped)
@@ -76,7 +76,7 @@ def fail(message: str):
 ARG_RANGES = (  # (fields, test, what the error message says), checked by validate_args
     ("num_envs num_steps total_timesteps critic_epochs critic_minibatch_size max_cycles eval_episodes "
      "torch_threads critic_learning_rate kl_threshold admm_rho admm_iters ls_steps cg_iters "
-     "fisher_subsample", lambda x: x > 0, "positive"),
+     "fvp_subsample", lambda x: x > 0, "positive"),
     ("hidden_sizes", lambda x: len(x) > 0 and min(x) > 0, "one or more positive sizes"),
     ("num_agents", lambda x: x >= 2, ">= 2"),
     ("gamma gae_lambda backtrack_coef", lambda x: 0 < x <= 1, "in (0, 1]"),
@@ -240,23 +240,21 @@ def conjugate_gradient(matrix_vector_product: Callable, b: torch.Tensor, iters: 
 
 def fisher_vector_product(actor, obs, damping: float) -> Callable:
     """v -> (F + damping I) v, F = J^T H J the Hessian of the batch-mean KL(pi_old || pi_theta) at theta_old (exact
-    there, where the KL's gradient in u is 0): H the KL's Hessian in the distribution's parameters u, J = du/dtheta."""
-    names, shapes = zip(*[(name, p.shape) for name, p in actor.named_parameters()])
-    theta_old = nn.utils.parameters_to_vector(actor.parameters()).detach()
-
-    def dist_params(theta):  # u(theta) for the flat parameter vector theta
-        chunks = theta.split([shape.numel() for shape in shapes])
-        return torch.func.functional_call(actor, {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}, (obs,))
-
-    u_old, pullback = torch.func.vjp(dist_params, theta_old)  # pullback(w) = J^T w by reverse mode
+    there, where the KL's gradient in u is 0): H the KL's Hessian in the distribution's parameters u, J = du/dtheta.
+    One forward pass serves every product: J^T backpropagates through it and J v differentiates J^T w in w."""
+    params, u_old = list(actor.parameters()), actor(obs)  # u(theta_old), its graph kept for all the products
     u = tuple(p.detach().requires_grad_() for p in u_old)  # a new leaf at u_old, to differentiate the KL in
-    kl = torch.distributions.kl_divergence(actor.distribution_from(u_old), actor.distribution_from(u))
-    kl_grad = torch.autograd.grad(kl.mean(), u, create_graph=True)
+    pi_old = actor.distribution_from(tuple(p.detach() for p in u_old))
+    kl_grad = torch.autograd.grad(kl_divergence(pi_old, actor.distribution_from(u)).mean(), u, create_graph=True)
+    w = tuple(torch.zeros_like(p, requires_grad=True) for p in u_old)  # J^T w is linear in w: its derivative is J
+    J_T_w = torch.autograd.grad(u_old, params, grad_outputs=w, create_graph=True)
 
     def fvp(v: torch.Tensor) -> torch.Tensor:
-        _, J_v = torch.func.jvp(dist_params, (theta_old,), (v,))  # J v by forward mode
+        v_per_param = [chunk.view_as(p) for chunk, p in zip(v.split([p.numel() for p in params]), params)]
+        J_v = torch.autograd.grad(J_T_w, w, grad_outputs=v_per_param, retain_graph=True)  # d(v . J^T w)/dw = J v
         H_J_v = torch.autograd.grad(kl_grad, u, grad_outputs=J_v, retain_graph=True)
-        return pullback(H_J_v)[0] + damping * v
+        J_T_H_J_v = torch.autograd.grad(u_old, params, grad_outputs=H_J_v, retain_graph=True)
+        return nn.utils.parameters_to_vector(J_T_H_J_v) + damping * v
 
     return fvp
 
@@ -274,8 +272,8 @@ class LocalModel:
             self.dist_old = policy.distribution(obs)
             self.logp_old = self.dist_old.base_dist.log_prob(actions)
         _, self.pullback = torch.func.vjp(self.log_ratios, self.theta_old)
-        # F on every fisher_subsample-th step of every env (a stride over the flat (step, env) batch could skip envs)
-        fisher_obs = obs.unflatten(0, (-1, args.num_envs))[:: args.fisher_subsample].flatten(0, 1)
+        # F on every fvp_subsample-th step of every env (a stride over the flat (step, env) batch could skip envs)
+        fisher_obs = obs.unflatten(0, (-1, args.num_envs))[:: args.fvp_subsample].flatten(0, 1)
         self.fisher_product = fisher_vector_product(policy, fisher_obs, args.cg_damping)
         self.solve = partial(conjugate_gradient, self.fisher_product, iters=args.cg_iters)  # b -> (F + damping I)^-1 b
         # carried between activations: l at the kept parameters, x^k of the prox update, the line search counts

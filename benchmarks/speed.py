@@ -1,17 +1,19 @@
 """Training speed of each script against its environment stepped with random actions, measured in one run.
 
-    python benchmarks/speed.py                          # all five scripts -> benchmarks/report/speed.csv
+    python benchmarks/speed.py                          # all cases -> benchmarks/report/speed.csv
     python benchmarks/speed.py --only happo_mpe.py --iterations 5
+    python benchmarks/speed.py --against 7d39617        # also each script as of that git revision, side by side
 
-For each script and a representative task: env-steps/s of the environment alone, then of training (the script run as
-a program for a few iterations; its `charts/SPS` at the end), then of the environment alone again. The ratio is
-training / mean of the two env-only figures. Run it on an otherwise idle machine: one process at a time, one torch
+For each script and task: env-steps/s of the environment alone, then of training (the script run as a program for a
+few iterations; its `charts/SPS` at the end), then of the environment alone again. The ratio is training / mean of the
+two env-only figures. With --against REV, the script as of REV (`git show REV:SCRIPT`) trains right before the
+current one, and `speedup` is current / REV. Run it on an otherwise idle machine: one process at a time, one torch
 thread (the scripts' default).
 
 "Environment alone" is the simulation work the script's env adapter needs, without the adapter: `num_envs` instances
-stepped in turn in one process with uniform random actions, resetting finished episodes. MPE: mpe2's raw_env driven
-agent by agent, reading every agent's observation; MaMuJoCo: the MuJoCo v5 robot under mamujoco_v1
-(`single_agent_env`), which is what the scripts step in their default full-state mode.
+stepped in turn in one process with uniform random actions, resetting finished episodes. MPE: pettingzoo's
+parallel_env of mpe2; MaMuJoCo: the MuJoCo v5 robot under mamujoco_v1 (`single_agent_env`), which is what the scripts
+step in their default full-state mode.
 """
 
 import argparse
@@ -47,11 +49,18 @@ CASES = [
     *[
         dict(
             script=script,
-            flags="--env-id HalfCheetah-2x3 --num-envs 20 --num-steps 200",
-            iterations=8,
-            env=dict(kind="mamujoco", env_id="HalfCheetah-2x3", kwargs={}),
+            flags=f"--env-id {env_id} --num-envs 20 --num-steps 200",
+            iterations=iterations,
+            env=dict(kind="mamujoco", env_id=env_id, kwargs={}),
         )
-        for script in ("happo_mamujoco.py", "hatrpo_mamujoco.py")
+        for env_id, scripts, iterations in (  # then the many-agent tasks
+            ("HalfCheetah-2x3", ("happo_mamujoco.py", "hatrpo_mamujoco.py"), 8),
+            ("Humanoid-17x1", ("happo_mamujoco.py", "hatrpo_mamujoco.py"), 2),
+            ("HalfCheetah-6x1", ("hatrpo_mamujoco.py",), 3),
+            ("Walker2d-6x1", ("hatrpo_mamujoco.py",), 3),
+            ("Ant-4x2", ("hatrpo_mamujoco.py",), 3),
+        )
+        for script in scripts
     ],
     *[
         dict(
@@ -70,6 +79,7 @@ def parse_args(argv=None):
     parser.add_argument("--only", nargs="*", default=[], help="scripts to measure (default: all five)")
     parser.add_argument("--iterations", type=int, default=0, help="training iterations (default: per case)")
     parser.add_argument("--env-steps", type=int, default=40_000, help="env steps of each env-only measurement")
+    parser.add_argument("--against", default=None, help="a git revision: also train each script as of it")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "report" / "speed.csv"))
     args = parser.parse_args(argv)
     valid = sorted({case["script"] for case in CASES})
@@ -89,14 +99,12 @@ def env_steps_per_second(kind: str, env_id: str, kwargs: dict, num_envs: int, en
     if kind == "mpe":
         import importlib
 
-        envs = [importlib.import_module(f"mpe2.{env_id}").raw_env(**kwargs) for _ in range(num_envs)]
+        envs = [importlib.import_module(f"mpe2.{env_id}").parallel_env(**kwargs) for _ in range(num_envs)]
         sizes = {a: envs[0].action_space(a).n for a in envs[0].possible_agents}  # discrete actions
 
-        def step(env):  # agents act in turn, the world steps after the last; then every agent observes
-            for agent in env.possible_agents:
-                env.step(int(rng.integers(sizes[agent])))
-            [env.observe(agent) for agent in env.possible_agents]
-            return any(env.terminations.values()) or any(env.truncations.values())
+        def step(env):
+            _, _, terminations, truncations, _ = env.step({a: int(rng.integers(n)) for a, n in sizes.items()})
+            return any(terminations.values()) or any(truncations.values())
 
     else:
         from gymnasium_robotics import mamujoco_v1
@@ -120,10 +128,20 @@ def env_steps_per_second(kind: str, env_id: str, kwargs: dict, num_envs: int, en
     return vector_steps * num_envs / (time.perf_counter() - start)
 
 
-def training_steps_per_second(script: str, flags: list[str], iterations: int) -> float:
+def script_at(revision: str, script: str, folder: str) -> Path:
+    """The script as of a git revision, written under folder with its own file name (so its exp_name is unchanged)."""
+    source = subprocess.run(["git", "show", f"{revision}:{script}"], cwd=REPO, capture_output=True, text=True)
+    if source.returncode != 0:
+        raise SystemExit(f"error: git show {revision}:{script} failed: {source.stderr.strip()}")
+    path = Path(folder, script)
+    path.write_text(source.stdout)
+    return path
+
+
+def training_steps_per_second(script: Path, flags: list[str], iterations: int) -> float:
     """The script's own charts/SPS (env steps per second since its loop started) after `iterations` iterations."""
     batch = int(flag_value(flags, "--num-envs")) * int(flag_value(flags, "--num-steps"))
-    command = [sys.executable, str(REPO / script), *flags, "--total-timesteps", str(iterations * batch)]
+    command = [sys.executable, str(script), *flags, "--total-timesteps", str(iterations * batch)]
     with tempfile.TemporaryDirectory() as cwd:
         result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
         if result.returncode != 0:
@@ -146,7 +164,10 @@ def main(argv=None):
         flags, env = case["flags"].split(), case["env"]
         num_envs, iterations = int(flag_value(flags, "--num-envs")), args.iterations or case["iterations"]
         before = env_steps_per_second(env["kind"], env["env_id"], env["kwargs"], num_envs, args.env_steps)
-        training = training_steps_per_second(case["script"], flags, iterations)
+        if args.against:
+            with tempfile.TemporaryDirectory() as folder:
+                earlier = training_steps_per_second(script_at(args.against, case["script"], folder), flags, iterations)
+        training = training_steps_per_second(REPO / case["script"], flags, iterations)
         after = env_steps_per_second(env["kind"], env["env_id"], env["kwargs"], num_envs, args.env_steps)
         env_only = (before + after) / 2
         row = dict(
@@ -157,9 +178,10 @@ def main(argv=None):
             env_only_before=round(before),
             env_only_after=round(after),
             ratio=round(training / env_only, 3),
-            torch_threads=1,
-            cpu=f"{cpu_name()} ({os.cpu_count()} cores)",
         )
+        if args.against:
+            row |= dict(against=args.against, training_then=round(earlier), speedup=round(training / earlier, 2))
+        row |= dict(torch_threads=1, cpu=f"{cpu_name()} ({os.cpu_count()} cores)")
         print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
         rows.append(row)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -312,14 +312,17 @@ def test_window_mean_is_nan_without_points():
 
 
 def test_speed_benchmark_writes_training_env_only_and_their_ratio(tmp_path):
+    """With --against, the script as of a git revision (here HEAD) trains too, and the speedup is the ratio of both."""
     out = tmp_path / "speed.csv"
-    speed.main(["--only", "happo_mpe.py", "--iterations", "1", "--env-steps", "800", "--out", str(out)])
+    speed.main(["--only", "happo_mpe.py", "--iterations", "1", "--env-steps", "800", "--against", "HEAD",
+                "--out", str(out)])  # fmt: skip
     (row,) = list(csv.DictReader(open(out)))
-    training, before, after = (
-        float(row[k]) for k in ("training_env_steps_per_second", "env_only_before", "env_only_after")
+    training, before, after, then = (
+        float(row[k]) for k in ("training_env_steps_per_second", "env_only_before", "env_only_after", "training_then")
     )
-    assert training > 0 and before > 0 and after > 0
+    assert training > 0 and before > 0 and after > 0 and then > 0 and row["against"] == "HEAD"
     assert float(row["ratio"]) == pytest.approx(training / ((before + after) / 2), abs=2e-3)
+    assert float(row["speedup"]) == pytest.approx(training / then, abs=6e-3)
     with pytest.raises(SystemExit):
         speed.parse_args(["--only", "mappo_mpe.py"])
 

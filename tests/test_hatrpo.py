@@ -135,8 +135,9 @@ STEP = dict(ls_steps=10, backtrack_coef=0.8, accept_ratio=0.5, cg_damping=0.1)
 
 
 def reference_step(actor, obs, actions, logp_old, advantages, factor, kl_threshold, ls_steps, backtrack_coef,
-                   accept_ratio, cg_damping) -> tuple:  # fmt: skip
-    """theta_new, the number of rejected fractions and |x| of the solve, computed the slow, obvious way."""
+                   accept_ratio, cg_damping, fisher_obs) -> tuple:  # fmt: skip
+    """theta_new, the number of rejected fractions and |x| of the solve, computed the slow, obvious way; the Fisher
+    matrix on fisher_obs."""
     dist_params = as_function_of_theta(actor, obs)
     theta_old = parameters_to_vector(actor.parameters()).detach()
     u_old = tuple(p.detach() for p in dist_params(theta_old))
@@ -145,7 +146,7 @@ def reference_step(actor, obs, actions, logp_old, advantages, factor, kl_thresho
         return (torch.exp(explicit_log_prob(dist_params(theta), actions) - logp_old) * factor * advantages).mean()
 
     g = torch.autograd.functional.jacobian(surrogate, theta_old)
-    F = kl_hessian(actor, obs) + cg_damping * torch.eye(len(theta_old), dtype=torch.float64)
+    F = kl_hessian(actor, fisher_obs) + cg_damping * torch.eye(len(theta_old), dtype=torch.float64)
     x = torch.linalg.solve(F, g)
     full_step = x * torch.sqrt(2 * kl_threshold / (x @ F @ x))
     for j in range(ls_steps):
@@ -167,10 +168,11 @@ def test_hatrpo_step_matches_the_reference_and_satisfies_the_trust_region(kind, 
     obs, actions, logp_old, advantages, factor = batch
     theta_old = parameters_to_vector(actor.parameters()).detach().clone()
     step_args = {**STEP, "accept_ratio": accept_ratio}
-    expected_theta, expected_steps, x_norm = reference_step(actor, *batch, kl_threshold, **step_args)
+    expected_theta, expected_steps, x_norm = reference_step(actor, *batch, kl_threshold, **step_args, fisher_obs=obs)
     # CG runs until its residual r is under the tolerance (|r|^2 < 1e-10), so its solution x is within
     # |r| / smallest eigenvalue of F + damping I <= 1e-5 / damping of the direct solve: so is the step, relatively
-    stats = hatrpo.hatrpo_update(actor, *batch, hatrpo.Args(kl_threshold=kl_threshold, cg_iters=500, **step_args))
+    args = hatrpo.Args(kl_threshold=kl_threshold, cg_iters=500, num_envs=4, **step_args)
+    stats, logp_new = hatrpo.hatrpo_update(actor, *batch, args)
     theta = parameters_to_vector(actor.parameters()).detach()
     assert stats["line_search_steps"] == expected_steps
     assert (expected_steps == 0) == (kl_threshold == 0.005)  # the large threshold makes the full step fail
@@ -188,6 +190,23 @@ def test_hatrpo_step_matches_the_reference_and_satisfies_the_trust_region(kind, 
     assert improvement / stats["expected_improvement"] > accept_ratio
     assert stats["kl"] == pytest.approx(kl, rel=1e-9) and stats["improvement"] == pytest.approx(improvement, rel=1e-9)
     assert stats["policy_loss"] == pytest.approx(-(ratio * factor * advantages).mean().item(), rel=1e-9)
+    torch.testing.assert_close(logp_new, explicit_log_prob(u_new, actions))  # for the next agent's factor M
+
+
+@pytest.mark.parametrize("kind", SPACES)
+def test_fvp_subsample_takes_the_fisher_matrix_on_every_kth_step_of_each_env(kind):
+    actor, batch = make_batch(kind)
+    obs = batch[0]  # 4 steps of 4 envs, flattened step-major: with K = 3, steps 0 and 3 of each env
+    theta_old = parameters_to_vector(actor.parameters()).detach().clone()
+    fisher_obs = obs[[t * 4 + env for t in (0, 3) for env in range(4)]]
+    expected_theta, expected_steps, x_norm = reference_step(actor, *batch, 0.001, **STEP, fisher_obs=fisher_obs)
+    full_batch_theta, _, _ = reference_step(actor, *batch, 0.001, **STEP, fisher_obs=obs)
+    args = hatrpo.Args(kl_threshold=0.001, cg_iters=500, num_envs=4, fvp_subsample=3, **STEP)
+    stats, _ = hatrpo.hatrpo_update(actor, *batch, args)
+    assert stats["line_search_steps"] == expected_steps < STEP["ls_steps"]  # the same fraction, and a step taken
+    step, expected_step = parameters_to_vector(actor.parameters()).detach() - theta_old, expected_theta - theta_old
+    tolerance = 2 * (1e-5 / STEP["cg_damping"]) / x_norm * expected_step.norm()  # as in the test above
+    assert (step - expected_step).norm() <= tolerance < (full_batch_theta - expected_theta).norm() / 10
 
 
 @pytest.mark.parametrize("kind", SPACES)
@@ -199,8 +218,9 @@ def test_rejected_step_restores_the_parameters_bit_for_bit(kind, case):
         advantages = torch.zeros_like(advantages)
     step = {**STEP, "accept_ratio": 1e6 if case == "unreachable-accept-ratio" else STEP["accept_ratio"]}
     before = [p.detach().clone() for p in actor.parameters()]
-    args = hatrpo.Args(kl_threshold=0.01, cg_iters=10, **step)
-    stats = hatrpo.hatrpo_update(actor, obs, actions, logp_old, advantages, factor, args)
+    args = hatrpo.Args(kl_threshold=0.01, cg_iters=10, num_envs=4, **step)
+    stats, logp_new = hatrpo.hatrpo_update(actor, obs, actions, logp_old, advantages, factor, args)
+    assert torch.equal(logp_new, logp_old)  # the policy is unchanged, so is its log-probability
     assert stats["line_search_steps"] == STEP["ls_steps"]
     assert stats["kl"] == stats["improvement"] == stats["expected_improvement"] == 0.0
     for old, new in zip(before, actor.parameters()):

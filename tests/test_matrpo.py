@@ -172,7 +172,7 @@ def test_prox_admm_reaches_consensus_and_the_centralised_optimum(num_agents, edg
 # Jacobian and Fisher products of a tiny double-precision joint policy, against explicit matrices
 def tiny_model(num_heads: int = 3, seed: int = 0, advantages=None, **arg_values):
     """A tiny joint policy moved to a generic point (non-uniform heads), its batch (12 samples of one env, advantages
-    zero unless given) and its LocalModel; arg_values set the Args it is built with (fisher_subsample, cg_iters)."""
+    zero unless given) and its LocalModel; arg_values set the Args it is built with (fvp_subsample, cg_iters)."""
     torch.manual_seed(seed)
     policy = matrpo.JointPolicy(4, num_heads, 5, (6,)).double()
     with torch.no_grad():
@@ -181,7 +181,7 @@ def tiny_model(num_heads: int = 3, seed: int = 0, advantages=None, **arg_values)
     obs = torch.randn(12, 4, dtype=torch.float64)
     actions = torch.randint(0, 5, (12, num_heads))
     advantages = torch.zeros(12, dtype=torch.float64) if advantages is None else advantages
-    args = matrpo.Args(**{"num_envs": 1, "fisher_subsample": 1, "cg_damping": 0.01, **arg_values})
+    args = matrpo.Args(**{"num_envs": 1, "fvp_subsample": 1, "cg_damping": 0.01, **arg_values})
     return policy, obs, actions, matrpo.LocalModel(policy, obs, actions, advantages, args)
 
 
@@ -228,12 +228,12 @@ def test_jacobian_products_match_the_explicit_jacobian():
     torch.testing.assert_close(model.log_ratios(theta_old + 0.1 * v), log_ratios(theta_old + 0.1 * v))
 
 
-@pytest.mark.parametrize("fisher_subsample", [1, 3])
-def test_fisher_vector_product_matches_the_explicit_kl_hessian(fisher_subsample):
+@pytest.mark.parametrize("fvp_subsample", [1, 3])
+def test_fisher_vector_product_matches_the_explicit_kl_hessian(fvp_subsample):
     """F = Hessian of the mean over the (subsampled) batch of sum_k KL(pi_k,old || pi_k), written out by hand."""
-    policy, obs, actions, model = tiny_model(fisher_subsample=fisher_subsample)
+    policy, obs, actions, model = tiny_model(fvp_subsample=fvp_subsample)
     theta_old = parameters_to_vector(policy.parameters()).detach()
-    hessian = torch.autograd.functional.hessian(explicit_mean_kl(policy, obs[::fisher_subsample]), theta_old)
+    hessian = torch.autograd.functional.hessian(explicit_mean_kl(policy, obs[::fvp_subsample]), theta_old)
     v = torch.randn(theta_old.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(model.fisher_product(v), hessian @ v + 0.01 * v, rtol=1e-9, atol=1e-12)
 
@@ -298,7 +298,7 @@ def test_admm_loop_brings_real_policies_to_agree(x_update):
         obs = [torch.randn(64, 6) for _ in range(3)]
         actions, advantages = torch.randint(0, 5, (64, 3)), torch.randn(64, 3)
         args = matrpo.Args(x_update=x_update, admm_rho=rho, admm_iters=60, kl_threshold=0.01, num_envs=1,
-                           fisher_subsample=1)  # fmt: skip
+                           fvp_subsample=1)  # fmt: skip
         models = [
             matrpo.LocalModel(pi, o, actions, advantages[:, p], args) for p, (pi, o) in enumerate(zip(policies, obs))
         ]

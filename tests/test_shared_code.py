@@ -241,10 +241,11 @@ def hatrpo_update_outputs(m) -> list:
             dist = actor.distribution(obs)
             actions = dist.sample()
             logp_old = dist.log_prob(actions)
-        args = m.Args(kl_threshold=0.01, ls_steps=10, backtrack_coef=0.8, accept_ratio=0.5, cg_iters=10, cg_damping=0.1)
+        args = m.Args(kl_threshold=0.01, ls_steps=10, backtrack_coef=0.8, accept_ratio=0.5, cg_iters=10, cg_damping=0.1,
+                      num_envs=4, fvp_subsample=2)  # fmt: skip
         advantages, factor = x(32, seed=2), x(32, seed=3).exp()
-        stats = m.hatrpo_update(actor, obs, actions, logp_old, advantages=advantages, factor=factor, args=args)
-        results.append((stats, actor.state_dict()))
+        stats, logp_new = m.hatrpo_update(actor, obs, actions, logp_old, advantages, factor, args)
+        results.append((stats, logp_new, actor.state_dict()))
     return results
 
 
