@@ -516,8 +516,8 @@ if __name__ == "__main__":
         returns = evaluate(actors, agents, eval_envs, env_seeds(args.seed, args.eval_episodes, purpose=1))
         eval_envs.close()  # (writes the video)
         print(f"eval/episodic_return={returns.mean():.2f} +- {returns.std():.2f} over {len(returns)} episodes")
-        log({"global_step": global_step, "eval/episodic_return": returns.mean(),
-             "eval/episodic_return_std": returns.std()})  # fmt: skip
+        log({"global_step": global_step, "eval/episodic_returns": returns.tolist(),  # one return per episode
+             "eval/episodic_return": returns.mean(), "eval/episodic_return_std": returns.std()})  # fmt: skip
 
     if args.eval_checkpoint:
         evaluate_and_log(args.capture_video)

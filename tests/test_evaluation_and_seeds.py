@@ -61,7 +61,11 @@ def test_periodic_evaluation_logs_at_its_interval_and_leaves_training_unchanged(
     with_eval, without_eval = (read_metrics(run_dirs(tmp_path / name)[0]) for name in ("with", "without"))
     evaluations = [m for m in with_eval if "eval/episodic_return" in m]
     assert [m["global_step"] for m in evaluations] == [100, 200]
-    assert all(set(m) == {"global_step", "eval/episodic_return", "eval/episodic_return_std"} for m in evaluations)
+    keys = {"global_step", "eval/episodic_returns", "eval/episodic_return", "eval/episodic_return_std"}
+    for m in evaluations:  # the returns of the 2 episodes, and their mean and std
+        assert set(m) == keys and len(m["eval/episodic_returns"]) == 2
+        assert m["eval/episodic_return"] == pytest.approx(np.mean(m["eval/episodic_returns"]), rel=1e-12)
+        assert m["eval/episodic_return_std"] == pytest.approx(np.std(m["eval/episodic_returns"]), rel=1e-12)
     assert len(without_eval) == len(train_metrics(without_eval)) == 5
     training = train_metrics(with_eval)
     for line in training + without_eval:
