@@ -4,8 +4,17 @@
     python benchmarks/report.py --results R --out O
 
 Runs with the same script, env id and flags are one configuration; its seeds are averaged. Writes
-    summary.csv     per configuration: seeds, final return (mean, std over seeds), evaluation return, steps,
-                    training wall time, env-steps/s
+    summary.csv     per configuration: seeds, final return (mean, std over seeds), evaluation return (mean, std and
+                    the interquartile mean with its 95 % stratified-bootstrap interval over seeds, by rliable),
+                    steps, training wall time, env-steps/s
+    aggregate.csv   per script, over the tasks where it has 3 finished seeds or more and HARL a published value: the
+                    interquartile mean of the final evaluation return normalised by HARL's published value of the
+                    script's algorithm on the task, with its interval; and the probability that HAPPO improves on
+                    HATRPO (per task, over seeds, averaged over tasks), with its interval
+    eval_returns.json  every evaluation in marl-eval's layout: env -> task -> algorithm -> seed_N -> step_K ->
+                    {step_count, return: [one return per episode]}, absolute_metrics holding the last evaluation's
+                    (evaluations logged before the scripts logged each episode's return hold their mean alone)
+    curves/performance_profile.png  the fraction of (seed, task) scores above each normalised score tau
     milestones.csv  per configuration (and the HARL anchors in --anchors): the training return and the
                     deterministic evaluation return at 100k, 250k, 500k, 1M, 2M, 5M, 10M steps, mean and std over
                     seeds; the published evaluation returns (published_eval.csv) at the steps they were read
@@ -24,14 +33,20 @@ import argparse
 import csv
 import json
 import math
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from rliable import library as rly
+from rliable import metrics as rly_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 MILESTONES = (100_000, 250_000, 500_000, 1_000_000, 2_000_000, 5_000_000, 10_000_000)
 RETURN = "charts/episodic_return"
+BOOTSTRAP_REPS = 2000  # rliable's stratified bootstrap; its intervals move by about 1 % of their width across seeds
+# rliable 1.2 hands its fixed RandomState to arch's bootstrap, which now prefers a Generator and says so every call
+warnings.filterwarnings("ignore", "random_state is deprecated", FutureWarning)
 
 
 def parse_args(argv=None):
@@ -95,6 +110,7 @@ def load_run(folder: Path) -> dict | None:
         wall_seconds=float(seconds[-1]),
         eval_steps=np.array([m["global_step"] for m in evals], dtype=float),
         eval_returns=np.array([m["eval/episodic_return"] for m in evals], dtype=float),
+        eval_episode_returns=[m.get("eval/episodic_returns", [m["eval/episodic_return"]]) for m in evals],
         eval_return=evals[-1]["eval/episodic_return"] if evals else math.nan,
         done=(folder / "done").exists(),
     )
@@ -141,12 +157,23 @@ def mean_std(values) -> tuple[float, float]:
     return float(values.mean()), float(values.std())
 
 
+def iqm_interval(scores: np.ndarray) -> tuple[float, float, float]:
+    """rliable's interquartile mean of a (seeds x tasks) score matrix and its 95 % stratified-bootstrap interval."""
+    point, interval = rly.get_interval_estimates(
+        {"x": scores}, lambda x: np.array([rly_metrics.aggregate_iqm(x)]), reps=BOOTSTRAP_REPS,
+        random_state=np.random.RandomState(0),
+    )  # fmt: skip
+    return float(point["x"][0]), float(interval["x"][0, 0]), float(interval["x"][1, 0])
+
+
 def summarise(configs: dict, window: int) -> list[dict]:
     rows = []
     for (script, env_id, flags), runs in sorted(configs.items()):
         final = [window_mean(r["steps"], r["returns"], r["last_step"], window) for r in runs]  # at the last logged step
         final_mean, final_std = mean_std(final)
         eval_mean, eval_std = mean_std([r["eval_return"] for r in runs])
+        evaluated = np.array([[r["eval_return"]] for r in runs if not math.isnan(r["eval_return"])])
+        iqm, iqm_low, iqm_high = iqm_interval(evaluated) if len(evaluated) else (math.nan,) * 3
         rows.append(
             dict(
                 script=script,
@@ -158,6 +185,9 @@ def summarise(configs: dict, window: int) -> list[dict]:
                 final_return_std=final_std,
                 eval_return_mean=eval_mean,
                 eval_return_std=eval_std,
+                eval_return_iqm=iqm,
+                eval_return_iqm_low=iqm_low,
+                eval_return_iqm_high=iqm_high,
                 steps_mean=float(np.mean([r["last_step"] for r in runs])),
                 wall_seconds_mean=float(np.mean([r["wall_seconds"] for r in runs])),
                 env_steps_per_second_mean=float(np.mean([r["last_step"] / r["wall_seconds"] for r in runs])),
@@ -184,6 +214,75 @@ def published_milestones(published: list[dict]) -> list[dict]:
     return [dict(script=f"{p['source']}: {p['algo']}", env_id=p["env_id"], flags="", seeds="", step=p["step"],
                  return_mean=math.nan, return_std=math.nan, eval_mean=p["eval_return"], eval_std=math.nan)
             for p in published]  # fmt: skip
+
+
+def algorithm(script: str) -> str:
+    return Path(script).stem.split("_")[0]  # happo_mamujoco.py -> happo, the name HARL's figures use
+
+
+def aggregate(configs: dict, published: list[dict], min_seeds: int = 3) -> tuple[list[dict], dict]:
+    """The rows of aggregate.csv, and the normalised (seeds x tasks) scores of each MaMuJoCo script over the tasks
+    where it has min_seeds finished seeds at 10M steps (the first min_seeds by seed) and HARL a published value."""
+    harl = {(p["algo"], p["env_id"]): p["eval_return"] for p in published
+            if p["source"].startswith("HARL") and p["step"] == MILESTONES[-1]}  # fmt: skip
+    finished = {}  # (script, task) -> the final evaluation returns of its finished 10M-step seeds
+    for (script, env_id, _), runs in configs.items():
+        done = [r["eval_return"] for r in sorted(runs, key=lambda r: r["seed"])
+                if r["done"] and r["last_step"] >= MILESTONES[-1] and not math.isnan(r["eval_return"])]  # fmt: skip
+        if "mamujoco" in script and len(done) >= min_seeds:
+            finished[script, env_id] = np.array(done[:min_seeds])
+    rows, normalised = [], {}
+    for script in sorted({script for script, _ in finished}):
+        tasks = sorted(task for s, task in finished if s == script and (algorithm(script), task) in harl)
+        if tasks:
+            normalised[script] = np.stack([finished[script, t] / harl[algorithm(script), t] for t in tasks], axis=1)
+            iqm, low, high = iqm_interval(normalised[script])
+            rows.append(dict(statistic="IQM of evaluation return / HARL's published", script=script,
+                             tasks=" ".join(tasks), value=iqm, low=low, high=high))  # fmt: skip
+    pair = ("happo_mamujoco.py", "hatrpo_mamujoco.py")
+    tasks = sorted(task for s, task in finished if s == pair[0] and (pair[1], task) in finished)
+    if tasks:
+        x, y = (np.stack([finished[script, t] for t in tasks], axis=1) for script in pair)
+        improvement, seed = rly_metrics.probability_of_improvement, np.random.RandomState(0)
+        point, interval = rly.get_interval_estimates({"p": (x, y)}, improvement, reps=BOOTSTRAP_REPS, random_state=seed)
+        rows.append(dict(statistic="probability that HAPPO improves on HATRPO", script=" vs ".join(pair),
+                         tasks=" ".join(tasks), value=float(point["p"]), low=float(interval["p"][0, 0]),
+                         high=float(interval["p"][1, 0])))  # fmt: skip
+    return rows, normalised
+
+
+def marl_eval_json(configs: dict) -> dict:
+    """Every evaluation in marl-eval's layout: env -> task -> algorithm -> seed_N -> step_K -> {step_count, return}."""
+    data = {}
+    for (script, env_id, flags), runs in sorted(configs.items()):
+        env = "mamujoco" if "mamujoco" in script else "mpe"
+        task = env_id if env_id != "default" else Path(script).stem
+        seeds = data.setdefault(env, {}).setdefault(task, {}).setdefault(f"{algorithm(script)} {flags}".strip(), {})
+        for run in [r for r in runs if len(r["eval_steps"])]:
+            evaluations = [dict(step_count=int(step), **{"return": [float(x) for x in episodes]})
+                           for step, episodes in zip(run["eval_steps"], run["eval_episode_returns"])]  # fmt: skip
+            seeds[f"seed_{run['seed']}"] = {f"step_{k}": e for k, e in enumerate(evaluations)} | {
+                "absolute_metrics": {"return": evaluations[-1]["return"]}
+            }
+    return data
+
+
+def plot_performance_profile(normalised: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from rliable import plot_utils
+
+    taus = np.linspace(0.0, 1.5, 61)
+    profiles, intervals = rly.create_performance_profile(normalised, taus, reps=BOOTSTRAP_REPS)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    plot_utils.plot_performance_profiles(profiles, taus, performance_profile_cis=intervals, ax=ax,
+                                         xlabel="evaluation return at 10M / HARL's published value (tau)")  # fmt: skip
+    ax.legend([Path(script).stem for script in profiles], loc="upper right", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def write_csv(path: Path, rows: list[dict]):
@@ -286,6 +385,11 @@ def main(argv=None):
     out = Path(args.out)
     (out / "curves").mkdir(parents=True, exist_ok=True)
     write_csv(out / "summary.csv", summarise(configs, args.window))
+    aggregate_rows, normalised = aggregate(configs, published)
+    write_csv(out / "aggregate.csv", aggregate_rows)
+    (out / "eval_returns.json").write_text(json.dumps(marl_eval_json(configs), indent=1) + "\n")
+    if normalised:
+        plot_performance_profile(normalised, out / "curves" / "performance_profile.png")
     write_csv(
         out / "milestones.csv",
         milestones(configs, args.window) + milestones(anchors, args.window) + published_milestones(published),
@@ -304,7 +408,8 @@ def main(argv=None):
         task_published = [p for p in published if p["env_id"] == task]
         plot(task, task_configs, task_anchors, task_published, args.window, out / "curves" / f"{task}.png")
     print(
-        f"wrote {out / 'summary.csv'}, {out / 'milestones.csv'} and {len(list((out / 'curves').glob('*.png')))} plots"
+        f"wrote {out / 'summary.csv'}, {out / 'milestones.csv'}, {out / 'aggregate.csv'}, {out / 'eval_returns.json'}"
+        f" and {len(list((out / 'curves').glob('*.png')))} plots"
     )
 
 

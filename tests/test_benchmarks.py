@@ -371,3 +371,77 @@ def test_report_evaluation_milestones_sit_beside_the_published_points(tmp_path):
         ("paper: happo", 250_000): ("7000", "nan"),
     }
     assert list(out.glob("curves/*.png")) == [out / "curves" / "x.png"]
+
+
+def write_10m_run(results: Path, script: str, env_id: str, seed: int, evaluations: list):
+    """A finished 10M-step MaMuJoCo run whose evaluations are (step, [per-episode returns] or a logged mean alone)."""
+    folder = results / f"{Path(script).stem}__{env_id}__s{seed}"
+    (folder / "runs" / "r").mkdir(parents=True)
+    run = dict(script=script, env_id=env_id, flags=["--total-timesteps", "10000000"], seed=seed)
+    (folder / "run.json").write_text(json.dumps(run))
+    lines = [{"global_step": 10_000_000, "charts/SPS": 1000, report.RETURN: 1.0}]
+    for step, returns in evaluations:
+        line = {"global_step": step, "eval/episodic_return": float(np.mean(returns))}
+        if isinstance(returns, list):  # else a run from before the scripts logged each episode's return
+            line["eval/episodic_returns"] = returns
+        lines.append(line)
+    (folder / "runs" / "r" / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in lines))
+    (folder / "done").write_text("")
+
+
+def test_report_interquartile_means_intervals_and_probability_of_improvement_against_brute_force(tmp_path):
+    finals = {  # final evaluation returns of seeds 1-4 (HAPPO, 4 seeds) and 1-3 (HATRPO) on two tasks
+        ("happo_mamujoco.py", "Ant-4x2"): [5000.0, 6200.0, 5400.0, 7000.0],
+        ("happo_mamujoco.py", "Hopper-3x1"): [3000.0, 3600.0, 2500.0, 3300.0],
+        ("hatrpo_mamujoco.py", "Ant-4x2"): [4000.0, 6000.0, 5200.0],
+        ("hatrpo_mamujoco.py", "Hopper-3x1"): [3500.0, 3100.0, 2900.0],
+    }
+    for (script, env_id), values in finals.items():
+        for seed, value in enumerate(values, 1):
+            write_10m_run(tmp_path, script, env_id, seed, [(10_000_000, [value - 10.0, value, value + 10.0])])
+    anchors = tmp_path / "anchors"
+    anchors.mkdir()
+    harl = {("happo", "Ant-4x2"): 6000.0, ("happo", "Hopper-3x1"): 3500.0, ("hatrpo", "Ant-4x2"): 5000.0,
+            ("hatrpo", "Hopper-3x1"): 3500.0}  # fmt: skip
+    rows = ["source,algo,env_id,step,eval_return"] + [f"HARL x,{a},{e},10000000,{v}" for (a, e), v in harl.items()]
+    (anchors / "published_eval.csv").write_text("\n".join(rows))
+    out = tmp_path / "out"
+    report.main(["--results", str(tmp_path), "--out", str(out), "--anchors", str(anchors)])
+
+    def brute_iqm(values) -> float:  # the mean of the values left after dropping floor(n / 4) from each end
+        values, cut = sorted(values), len(values) // 4
+        return float(np.mean(values[cut : len(values) - cut]))
+
+    summary = {(r["script"], r["env_id"]): r for r in csv.DictReader(open(out / "summary.csv"))}
+    for key, values in finals.items():
+        row = summary[key]
+        iqm, low, high = (float(row[k]) for k in ("eval_return_iqm", "eval_return_iqm_low", "eval_return_iqm_high"))
+        assert iqm == pytest.approx(brute_iqm(values), rel=1e-5)  # the CSV keeps 6 significant digits
+        assert min(values) <= low < iqm < high <= max(values)  # a real interval within the seeds' range
+    aggregate = {r["statistic"][:3] + r["script"]: r for r in csv.DictReader(open(out / "aggregate.csv"))}
+    for script in ("happo_mamujoco.py", "hatrpo_mamujoco.py"):  # the first 3 seeds of each task, normalised
+        normalised = [v / harl[script.split("_")[0], e] for (s, e), vs in finals.items() if s == script for v in vs[:3]]
+        row = aggregate["IQM" + script]
+        assert row["tasks"] == "Ant-4x2 Hopper-3x1"
+        assert float(row["value"]) == pytest.approx(brute_iqm(normalised), rel=1e-5)
+        assert float(row["low"]) < float(row["value"]) < float(row["high"])
+    # P(X > Y) + P(X = Y) / 2 over all pairs of seeds, per task, averaged over the tasks
+    pairs = [[float(x > y) + 0.5 * float(x == y) for x in finals["happo_mamujoco.py", e][:3]
+              for y in finals["hatrpo_mamujoco.py", e]] for e in ("Ant-4x2", "Hopper-3x1")]  # fmt: skip
+    row = aggregate["pro" + "happo_mamujoco.py vs hatrpo_mamujoco.py"]
+    assert float(row["value"]) == pytest.approx(np.mean([np.mean(p) for p in pairs]), rel=1e-5)
+    assert 0 <= float(row["low"]) < float(row["value"]) < float(row["high"]) <= 1
+    assert (out / "curves" / "performance_profile.png").stat().st_size > 10_000
+
+
+def test_report_writes_every_evaluation_in_marl_evals_layout(tmp_path):
+    early = [(250_000, 100.0), (500_000, [210.0, 190.0, 200.0])]  # a mean alone, then the episodes' returns
+    write_10m_run(tmp_path, "happo_mamujoco.py", "Hopper-3x1", 2, early)
+    out = tmp_path / "out"
+    report.main(["--results", str(tmp_path), "--out", str(out), "--anchors", str(tmp_path / "none")])
+    data = json.loads((out / "eval_returns.json").read_text())
+    assert data == {"mamujoco": {"Hopper-3x1": {"happo --total-timesteps 10000000": {"seed_2": {
+        "step_0": {"step_count": 250_000, "return": [100.0]},
+        "step_1": {"step_count": 500_000, "return": [210.0, 190.0, 200.0]},
+        "absolute_metrics": {"return": [210.0, 190.0, 200.0]},
+    }}}}}  # fmt: skip
