@@ -28,6 +28,11 @@ runs() {
     $RUN --scripts happo_mamujoco.py hatrpo_mamujoco.py --env-ids Ant-2x4 --seeds 1 2 3 -- $TEN_M
     # --- then, as time allows: Walker2d-2x3 and the ICLR paper's HalfCheetah-6x1
     $RUN --scripts happo_mamujoco.py hatrpo_mamujoco.py --env-ids Walker2d-2x3 HalfCheetah-6x1 --seeds 1 2 3 -- $TEN_M
+    # --- the rest of HARL's on-policy MaMuJoCo tasks (from 2026-12-06, on the code with the one-pass Fisher-vector
+    # product), cheapest first; Humanoid-17x1 last, HATRPO there with one seed
+    $RUN --scripts happo_mamujoco.py hatrpo_mamujoco.py --env-ids Hopper-3x1 Walker2d-6x1 Ant-4x2 --seeds 1 2 3 -- $TEN_M
+    $RUN --scripts happo_mamujoco.py --env-ids Humanoid-17x1 --seeds 1 2 3 -- $TEN_M
+    $RUN --scripts hatrpo_mamujoco.py --env-ids Humanoid-17x1 --seeds 1 -- $TEN_M
 }
 
 # The runs behind the earlier results in docs/ (1M-step MaMuJoCo, MPE tasks, ablations, MATRPO's three modes), made
@@ -75,7 +80,7 @@ earlier_runs() {
     done
 }
 
-speed() { python benchmarks/speed.py; }
+speed() { python benchmarks/speed.py --against 7d39617; }  # the speed table of docs/benchmarks.md
 report() { python benchmarks/report.py; }
 
 if [ $# -eq 0 ]; then set -- speed runs report; fi

@@ -12,8 +12,8 @@ thread (the scripts' default).
 
 "Environment alone" is the simulation work the script's env adapter needs, without the adapter: `num_envs` instances
 stepped in turn in one process with uniform random actions, resetting finished episodes. MPE: pettingzoo's
-parallel_env of mpe2; MaMuJoCo: the MuJoCo v5 robot under mamujoco_v1 (`single_agent_env`), which is what the scripts
-step in their default full-state mode.
+parallel_env of mpe2; MaMuJoCo: gymnasium's MuJoCo v5 robot, the env mamujoco_v1 wraps (its `single_agent_env`) and
+the scripts step in their default full-state mode.
 """
 
 import argparse
@@ -107,10 +107,10 @@ def env_steps_per_second(kind: str, env_id: str, kwargs: dict, num_envs: int, en
             return any(terminations.values()) or any(truncations.values())
 
     else:
-        from gymnasium_robotics import mamujoco_v1
+        import gymnasium as gym
 
-        scenario, _, partition = env_id.rpartition("-")
-        envs = [mamujoco_v1.parallel_env(scenario, partition).single_agent_env for _ in range(num_envs)]
+        # the robot mamujoco_v1 wraps (its single_agent_env), whatever the partition: gymnasium's MuJoCo v5 env
+        envs = [gym.make(f"{env_id.rpartition('-')[0]}-v5") for _ in range(num_envs)]
         low, high = envs[0].action_space.low, envs[0].action_space.high
 
         def step(env):

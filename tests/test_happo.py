@@ -52,16 +52,20 @@ def run_sequential_update(order, sequential: bool, seed: int = 0):
 
 
 def test_the_main_loop_updates_as_written_out_above():
-    """The loop above is the scripts' own: every HAPPO and HATRPO script has these lines in its main loop."""
+    """The loop above is the scripts' own: every HAPPO and HATRPO script has these lines in its main loop. HATRPO's
+    update returns log pi_new(a|o) from its line search (test_hatrpo.py checks it) instead of a forward pass here."""
     for script in ("happo_mpe.py", "happo_mamujoco.py", "hatrpo_mpe.py", "hatrpo_mamujoco.py"):
         lines = [line.strip() for line in (REPO / script).read_text().splitlines()]
         loop = lines.index("factor, stats = torch.ones_like(b_logprobs[0]), {}") + 1
         assert lines[loop] == "for i in order:", script
         update = lines.index("if args.sequential:", loop)  # after the agent's update (one call)
-        assert update - loop <= 4 and lines[update : update + 4] == [
+        new_log_probs = ["with torch.no_grad():", "logp_new = actors[i].distribution(b_obs[i]).log_prob(b_actions[i])"]
+        if script.startswith("hatrpo"):
+            assert lines[loop + 1].startswith("stats[i], logp_new = hatrpo_update("), script
+            new_log_probs = []
+        assert update - loop <= 4 and lines[update : update + 2 + len(new_log_probs)] == [
             "if args.sequential:",
-            "with torch.no_grad():",
-            "logp_new = actors[i].distribution(b_obs[i]).log_prob(b_actions[i])",
+            *new_log_probs,
             "factor = factor * torch.exp(logp_new - b_logprobs[i])",
         ], script
 
