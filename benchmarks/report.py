@@ -15,6 +15,8 @@ Runs with the same script, env id and flags are one configuration; its seeds are
                     {step_count, return: [one return per episode]}, absolute_metrics holding the last evaluation's
                     (evaluations logged before the scripts logged each episode's return hold their mean alone)
     curves/performance_profile.png  the fraction of (seed, task) scores above each normalised score tau
+    mamujoco_table.md  the 10M-step MaMuJoCo runs: evaluation at 1M, 2M, 5M, 10M, the final IQM and interval, HARL's
+                    published value, hours per run (the table of docs/mamujoco.md)
     milestones.csv  per configuration (and the HARL anchors in --anchors): the training return and the
                     deterministic evaluation return at 100k, 250k, 500k, 1M, 2M, 5M, 10M steps, mean and std over
                     seeds; the published evaluation returns (published_eval.csv) at the steps they were read
@@ -251,6 +253,35 @@ def aggregate(configs: dict, published: list[dict], min_seeds: int = 3) -> tuple
     return rows, normalised
 
 
+def mamujoco_table(configs: dict, published: list[dict], window: int) -> str:
+    """The 10M-step MaMuJoCo runs as one markdown table: the evaluation return at 1M, 2M, 5M and 10M steps (mean +-
+    std over the seeds that reached the step), the interquartile mean at the end with its 95 % interval (finished
+    seeds; with 3 seeds it is their mean), the published value at 10M (HARL's, else the ICLR 2022 paper's) and the
+    training hours per run."""
+    source = {}  # (algo, task) -> "value (source)", HARL's first
+    for p in sorted(published, key=lambda p: not p["source"].startswith("HARL")):
+        if p["step"] == MILESTONES[-1]:
+            source.setdefault((p["algo"], p["env_id"]), f"{p['eval_return']:.0f} ({p['source'].split(' figure')[0]})")
+    steps = (1_000_000, 2_000_000, 5_000_000, 10_000_000)
+    header = ["task", "script", "seeds (finished)", *(f"{s // 1_000_000}M" for s in steps),
+              "IQM at 10M [95 % interval]", "published at 10M", "hours per run"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for (script, env_id, flags), runs in sorted(configs.items(), key=lambda item: (item[0][1], item[0][0])):
+        if "mamujoco" not in script or flags != f"--total-timesteps {MILESTONES[-1]}":
+            continue
+        cells = []
+        for at in steps:
+            mean, std = mean_std([eval_at(r, at, window) for r in runs if r["last_step"] >= at])
+            cells.append("" if math.isnan(mean) else f"{mean:.0f} +- {std:.0f}")
+        finished = [r for r in runs if r["done"] and not math.isnan(r["eval_return"])]
+        iqm = iqm_interval(np.array([[r["eval_return"]] for r in finished])) if finished else None
+        hours = np.mean([r["wall_seconds"] for r in finished or runs]) / 3600
+        lines.append(f"| {env_id} | `{script}` | {len(runs)} ({len(finished)}) | " + " | ".join(cells)
+                     + (f" | {iqm[0]:.0f} [{iqm[1]:.0f}, {iqm[2]:.0f}]" if iqm else " | ")
+                     + f" | {source.get((algorithm(script), env_id), '')} | {hours:.1f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def marl_eval_json(configs: dict) -> dict:
     """Every evaluation in marl-eval's layout: env -> task -> algorithm -> seed_N -> step_K -> {step_count, return}."""
     data = {}
@@ -388,6 +419,7 @@ def main(argv=None):
     aggregate_rows, normalised = aggregate(configs, published)
     write_csv(out / "aggregate.csv", aggregate_rows)
     (out / "eval_returns.json").write_text(json.dumps(marl_eval_json(configs), indent=1) + "\n")
+    (out / "mamujoco_table.md").write_text(mamujoco_table(configs, published, args.window))
     if normalised:
         plot_performance_profile(normalised, out / "curves" / "performance_profile.png")
     write_csv(

@@ -445,3 +445,27 @@ def test_report_writes_every_evaluation_in_marl_evals_layout(tmp_path):
         "step_1": {"step_count": 500_000, "return": [210.0, 190.0, 200.0]},
         "absolute_metrics": {"return": [210.0, 190.0, 200.0]},
     }}}}}  # fmt: skip
+
+
+def test_report_mamujoco_table_has_each_milestone_the_final_interval_and_the_published_value(tmp_path):
+    for seed, final in ((1, 3000.0), (2, 3400.0), (3, 3200.0)):
+        milestones = [(1_000_000, [1000.0 + seed]), (2_000_000, [2000.0]), (5_000_000, [2500.0])]
+        write_10m_run(tmp_path, "happo_mamujoco.py", "Hopper-3x1", seed, [*milestones, (10_000_000, [final])])
+    write_10m_run(tmp_path, "hatrpo_mamujoco.py", "Ant-2x4", 1, [(10_000_000, [4000.0])])
+    anchors = tmp_path / "anchors"
+    anchors.mkdir()
+    rows = ["source,algo,env_id,step,eval_return", "HARL published figure (gym v2),happo,Hopper-3x1,10000000,3450",
+            "Kuba et al. ICLR 2022 figure (gym v2),hatrpo,Ant-2x4,10000000,4500"]  # fmt: skip
+    (anchors / "published_eval.csv").write_text("\n".join(rows))
+    out = tmp_path / "out"
+    report.main(["--results", str(tmp_path), "--out", str(out), "--anchors", str(anchors)])
+    header, rule, ant, hopper = (out / "mamujoco_table.md").read_text().splitlines()
+    assert header.count("|") == rule.count("|") == ant.count("|") == hopper.count("|") == 11
+    # 1M: 1001, 1002, 1003 (mean 1002, std 0.816); 10M: 3000, 3400, 3200; 10,000 s of training each at 1000 steps/s
+    cells = [cell.strip() for cell in hopper.split("|")[1:-1]]
+    assert cells[:3] == ["Hopper-3x1", "`happo_mamujoco.py`", "3 (3)"]
+    assert cells[3:7] == ["1002 +- 1", "2000 +- 0", "2500 +- 0", "3200 +- 163"]
+    iqm, low, high = (float(x) for x in cells[7].replace("[", "").replace("]", "").replace(",", "").split())
+    assert iqm == 3200 and 3000 <= low < iqm < high <= 3400
+    assert cells[8:] == ["3450 (HARL published)", "2.8"]
+    assert ant.split("|")[-3].strip() == "4500 (Kuba et al. ICLR 2022)"
