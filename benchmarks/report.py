@@ -15,6 +15,7 @@ Runs with the same script, env id and flags are one configuration; its seeds are
                     {step_count, return: [one return per episode]}, absolute_metrics holding the last evaluation's
                     (evaluations logged before the scripts logged each episode's return hold their mean alone)
     curves/performance_profile.png  the fraction of (seed, task) scores above each normalised score tau
+    curves/mamujoco_overview.png  every MaMuJoCo task's 10M-step evaluation curves and the published values
     mamujoco_table.md  the 10M-step MaMuJoCo runs: evaluation at 1M, 2M, 5M, 10M, the final IQM and interval, HARL's
                     published value, hours per run (the table of docs/mamujoco.md)
     milestones.csv  per configuration (and the HARL anchors in --anchors): the training return and the
@@ -349,6 +350,51 @@ def eval_band(runs: list[dict]):
     return grid, curves.mean(0), curves.std(0)
 
 
+def plot_mamujoco_overview(configs: dict, published: list[dict], path: Path):
+    """The README's figure: per MaMuJoCo task, each script's evaluation return over its 10M-step runs (mean and +-1
+    std over the finished seeds, else all) against env steps, with the published values at 10M."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = defaultdict(dict)  # task -> script -> runs
+    for (script, env_id, flags), runs in configs.items():
+        runs = [r for r in runs if r["done"]] or runs
+        if "mamujoco" in script and flags == f"--total-timesteps {MILESTONES[-1]}":
+            if all(len(r["eval_steps"]) > 1 for r in runs):
+                tasks[env_id][script] = runs
+    if not tasks:
+        return
+    columns = min(3, len(tasks))
+    fig, axes = plt.subplots(math.ceil(len(tasks) / columns), columns, figsize=(4.6 * columns, 3.6 * math.ceil(
+        len(tasks) / columns)), squeeze=False)  # fmt: skip
+    colors = {"happo": "tab:blue", "hatrpo": "tab:orange"}
+    for axis, (env_id, scripts) in zip(axes.flat, sorted(tasks.items())):
+        for script, runs in sorted(scripts.items()):
+            x, mean, std = eval_band(runs)
+            color = colors[algorithm(script)]
+            seeds = f"{len(runs)} seed{'s' if len(runs) > 1 else ''}"
+            axis.plot(x / 1e6, mean, color=color, label=f"{algorithm(script).upper()}, ours ({seeds})")
+            axis.fill_between(x / 1e6, mean - std, mean + std, color=color, alpha=0.2)
+        for p in [p for p in published if p["env_id"] == env_id and p["step"] == MILESTONES[-1]]:
+            harl = p["source"].startswith("HARL")
+            axis.plot(10, p["eval_return"], "*" if harl else "P", ms=11, color=colors[p["algo"]], markeredgecolor="k",
+                      label=f"{p['algo'].upper()}, {'HARL' if harl else 'ICLR 2022 paper'} (gym v2)")  # fmt: skip
+        axis.set_title(env_id, fontsize=10)
+        axis.set_xlabel("env steps (millions)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7, loc="upper left")  # the curves rise from the lower left, the markers sit at 10M
+    for axis in axes.flat[len(tasks) :]:
+        axis.axis("off")
+    for axis in axes[:, 0]:
+        axis.set_ylabel("evaluation return")
+    fig.suptitle("MaMuJoCo (MuJoCo v5), deterministic evaluation, mean +- std over seeds; markers: published at 10M")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot(env_id: str, configs: dict, anchors: dict, published: list[dict], window: int, path: Path):
     import matplotlib
 
@@ -420,6 +466,7 @@ def main(argv=None):
     write_csv(out / "aggregate.csv", aggregate_rows)
     (out / "eval_returns.json").write_text(json.dumps(marl_eval_json(configs), indent=1) + "\n")
     (out / "mamujoco_table.md").write_text(mamujoco_table(configs, published, args.window))
+    plot_mamujoco_overview(configs, published, out / "curves" / "mamujoco_overview.png")
     if normalised:
         plot_performance_profile(normalised, out / "curves" / "performance_profile.png")
     write_csv(

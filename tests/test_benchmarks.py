@@ -469,3 +469,4 @@ def test_report_mamujoco_table_has_each_milestone_the_final_interval_and_the_pub
     assert iqm == 3200 and 3000 <= low < iqm < high <= 3400
     assert cells[8:] == ["3450 (HARL published)", "2.8"]
     assert ant.split("|")[-3].strip() == "4500 (Kuba et al. ICLR 2022)"
+    assert (out / "curves" / "mamujoco_overview.png").stat().st_size > 10_000  # Hopper's curve (Ant has one point)
