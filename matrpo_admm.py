@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import tyro
 from torch import nn
+from torch.autograd import forward_ad
 from torch.distributions import Categorical, Independent, kl_divergence
 
 
@@ -241,19 +242,19 @@ def conjugate_gradient(matrix_vector_product: Callable, b: torch.Tensor, iters: 
 def fisher_vector_product(actor, obs, damping: float) -> Callable:
     """v -> (F + damping I) v, F = J^T H J the Hessian of the batch-mean KL(pi_old || pi_theta) at theta_old (exact
     there, where the KL's gradient in u is 0): H the KL's Hessian in the distribution's parameters u, J = du/dtheta.
-    One forward pass serves every product: J^T backpropagates through it and J v differentiates J^T w in w."""
-    params, u_old = list(actor.parameters()), actor(obs)  # u(theta_old), its graph kept for all the products
+    J v is one forward-mode pass (dual numbers carrying v); J^T backpropagates through the first forward pass, kept."""
+    params, u_old = dict(actor.named_parameters()), actor(obs)  # u(theta_old), its graph kept for all the products
     u = tuple(p.detach().requires_grad_() for p in u_old)  # a new leaf at u_old, to differentiate the KL in
     pi_old = actor.distribution_from(tuple(p.detach() for p in u_old))
     kl_grad = torch.autograd.grad(kl_divergence(pi_old, actor.distribution_from(u)).mean(), u, create_graph=True)
-    w = tuple(torch.zeros_like(p, requires_grad=True) for p in u_old)  # J^T w is linear in w: its derivative is J
-    J_T_w = torch.autograd.grad(u_old, params, grad_outputs=w, create_graph=True)
 
     def fvp(v: torch.Tensor) -> torch.Tensor:
-        v_per_param = [chunk.view_as(p) for chunk, p in zip(v.split([p.numel() for p in params]), params)]
-        J_v = torch.autograd.grad(J_T_w, w, grad_outputs=v_per_param, retain_graph=True)  # d(v . J^T w)/dw = J v
+        v_per_param = v.split([p.numel() for p in params.values()])
+        with forward_ad.dual_level():  # theta_old + epsilon v: the network's outputs carry J v as their tangents
+            dual = {n: forward_ad.make_dual(p.detach(), t.view_as(p)) for (n, p), t in zip(params.items(), v_per_param)}
+            J_v = tuple(forward_ad.unpack_dual(out).tangent for out in torch.func.functional_call(actor, dual, (obs,)))
         H_J_v = torch.autograd.grad(kl_grad, u, grad_outputs=J_v, retain_graph=True)
-        J_T_H_J_v = torch.autograd.grad(u_old, params, grad_outputs=H_J_v, retain_graph=True)
+        J_T_H_J_v = torch.autograd.grad(u_old, list(params.values()), grad_outputs=H_J_v, retain_graph=True)
         return nn.utils.parameters_to_vector(J_T_H_J_v) + damping * v
 
     return fvp
