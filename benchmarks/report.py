@@ -258,7 +258,7 @@ def mamujoco_table(configs: dict, published: list[dict], window: int) -> str:
     """The 10M-step MaMuJoCo runs as one markdown table: the evaluation return at 1M, 2M, 5M and 10M steps (mean +-
     std over the seeds that reached the step), the interquartile mean at the end with its 95 % interval (finished
     seeds; with 3 seeds it is their mean), the published value at 10M (HARL's, else the ICLR 2022 paper's) and the
-    training hours per run."""
+    training hours per finished run."""
     source = {}  # (algo, task) -> "value (source)", HARL's first
     for p in sorted(published, key=lambda p: not p["source"].startswith("HARL")):
         if p["step"] == MILESTONES[-1]:
@@ -276,10 +276,10 @@ def mamujoco_table(configs: dict, published: list[dict], window: int) -> str:
             cells.append("" if math.isnan(mean) else f"{mean:.0f} +- {std:.0f}")
         finished = [r for r in runs if r["done"] and not math.isnan(r["eval_return"])]
         iqm = iqm_interval(np.array([[r["eval_return"]] for r in finished])) if finished else None
-        hours = np.mean([r["wall_seconds"] for r in finished or runs]) / 3600
+        hours = f"{np.mean([r['wall_seconds'] for r in finished]) / 3600:.1f}" if finished else ""
         lines.append(f"| {env_id} | `{script}` | {len(runs)} ({len(finished)}) | " + " | ".join(cells)
                      + (f" | {iqm[0]:.0f} [{iqm[1]:.0f}, {iqm[2]:.0f}]" if iqm else " | ")
-                     + f" | {source.get((algorithm(script), env_id), '')} | {hours:.1f} |")  # fmt: skip
+                     + f" | {source.get((algorithm(script), env_id), '')} | {hours} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
