@@ -36,7 +36,6 @@ import argparse
 import csv
 import json
 import math
-import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -48,8 +47,6 @@ REPO = Path(__file__).resolve().parents[1]
 MILESTONES = (100_000, 250_000, 500_000, 1_000_000, 2_000_000, 5_000_000, 10_000_000)
 RETURN = "charts/episodic_return"
 BOOTSTRAP_REPS = 2000  # rliable's stratified bootstrap; its intervals move by about 1 % of their width across seeds
-# rliable 1.2 hands its fixed RandomState to arch's bootstrap, which now prefers a Generator and says so every call
-warnings.filterwarnings("ignore", "random_state is deprecated", FutureWarning)
 
 
 def parse_args(argv=None):
@@ -160,13 +157,18 @@ def mean_std(values) -> tuple[float, float]:
     return float(values.mean()), float(values.std())
 
 
+def bootstrap_interval(scores, statistic) -> tuple[float, float, float]:
+    """rliable's point estimate of statistic(scores) and its 95 % stratified-bootstrap interval. rliable 1.2 draws the
+    resamples from numpy's global generator whatever random_state it is given, so that generator is seeded here: the
+    same scores give the same interval, whatever else the report has computed before."""
+    np.random.seed(0)
+    point, interval = rly.get_interval_estimates({"x": scores}, statistic, reps=BOOTSTRAP_REPS)
+    return float(np.squeeze(point["x"])), float(interval["x"][0, 0]), float(interval["x"][1, 0])
+
+
 def iqm_interval(scores: np.ndarray) -> tuple[float, float, float]:
     """rliable's interquartile mean of a (seeds x tasks) score matrix and its 95 % stratified-bootstrap interval."""
-    point, interval = rly.get_interval_estimates(
-        {"x": scores}, lambda x: np.array([rly_metrics.aggregate_iqm(x)]), reps=BOOTSTRAP_REPS,
-        random_state=np.random.RandomState(0),
-    )  # fmt: skip
-    return float(point["x"][0]), float(interval["x"][0, 0]), float(interval["x"][1, 0])
+    return bootstrap_interval(scores, lambda x: np.array([rly_metrics.aggregate_iqm(x)]))
 
 
 def summarise(configs: dict, window: int) -> list[dict]:
@@ -246,11 +248,9 @@ def aggregate(configs: dict, published: list[dict], min_seeds: int = 3) -> tuple
     tasks = sorted(task for s, task in finished if s == pair[0] and (pair[1], task) in finished)
     if tasks:
         x, y = (np.stack([finished[script, t] for t in tasks], axis=1) for script in pair)
-        improvement, seed = rly_metrics.probability_of_improvement, np.random.RandomState(0)
-        point, interval = rly.get_interval_estimates({"p": (x, y)}, improvement, reps=BOOTSTRAP_REPS, random_state=seed)
+        value, low, high = bootstrap_interval((x, y), rly_metrics.probability_of_improvement)
         rows.append(dict(statistic="probability that HAPPO improves on HATRPO", script=" vs ".join(pair),
-                         tasks=" ".join(tasks), value=float(point["p"]), low=float(interval["p"][0, 0]),
-                         high=float(interval["p"][1, 0])))  # fmt: skip
+                         tasks=" ".join(tasks), value=value, low=low, high=high))  # fmt: skip
     return rows, normalised
 
 

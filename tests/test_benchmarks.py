@@ -434,6 +434,14 @@ def test_report_interquartile_means_intervals_and_probability_of_improvement_aga
     assert (out / "curves" / "performance_profile.png").stat().st_size > 10_000
 
 
+def test_report_intervals_depend_only_on_the_scores():
+    scores = np.array([[5000.0, 3000.0], [6200.0, 3600.0], [5400.0, 2500.0], [7000.0, 3300.0], [5800.0, 3100.0]])
+    first = report.iqm_interval(scores)
+    np.random.rand(7)  # whatever else drew from numpy's global generator in between (rliable 1.2 resamples from it)
+    assert report.iqm_interval(scores) == first
+    assert report.iqm_interval(scores[:, :1]) != first  # other scores, another interval
+
+
 def test_report_writes_every_evaluation_in_marl_evals_layout(tmp_path):
     early = [(250_000, 100.0), (500_000, [210.0, 190.0, 200.0])]  # a mean alone, then the episodes' returns
     write_10m_run(tmp_path, "happo_mamujoco.py", "Hopper-3x1", 2, early)
