@@ -30,10 +30,12 @@ runs() {
     $RUN --scripts happo_mamujoco.py hatrpo_mamujoco.py --env-ids Walker2d-2x3 --seeds 1 2 3 -- $TEN_M
     $RUN --scripts happo_mamujoco.py --env-ids HalfCheetah-6x1 --seeds 1 -- $TEN_M
     # --- the rest of HARL's on-policy MaMuJoCo tasks (from 2026-12-06, on the code with the forward-mode Fisher-vector
-    # product), cheapest first; Humanoid-17x1 last, HATRPO there with one seed
-    $RUN --scripts happo_mamujoco.py hatrpo_mamujoco.py --env-ids Hopper-3x1 Walker2d-6x1 Ant-4x2 --seeds 1 2 3 -- $TEN_M
-    $RUN --scripts happo_mamujoco.py --env-ids Humanoid-17x1 --seeds 1 2 3 -- $TEN_M
+    # product), cheapest first, but HATRPO on Humanoid-17x1 (one seed, about 12 hours of one core) started early on one
+    # of the two cores, so that it does not run alone at the end
+    $RUN --scripts happo_mamujoco.py hatrpo_mamujoco.py --env-ids Hopper-3x1 Walker2d-6x1 --seeds 1 2 3 -- $TEN_M
     $RUN --scripts hatrpo_mamujoco.py --env-ids Humanoid-17x1 --seeds 1 -- $TEN_M
+    $RUN --scripts happo_mamujoco.py hatrpo_mamujoco.py --env-ids Ant-4x2 --seeds 1 2 3 -- $TEN_M
+    $RUN --scripts happo_mamujoco.py --env-ids Humanoid-17x1 --seeds 1 2 3 -- $TEN_M
 }
 
 # The runs behind the earlier results in docs/ (1M-step MaMuJoCo, MPE tasks, ablations, MATRPO's three modes), made
