@@ -8,6 +8,7 @@
 #   bash benchmarks/commands.sh speed      # the speed table: alone on an idle machine
 #   bash benchmarks/commands.sh runs       # the learning runs (any number of copies at once)
 #   bash benchmarks/commands.sh report     # benchmarks/report/: summary.csv, milestones.csv, curves/
+#   bash benchmarks/commands.sh trace      # the line-search traces of docs/mamujoco.md (needs the git history)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN="python benchmarks/run.py --workers ${WORKERS:-2}"
@@ -86,10 +87,25 @@ earlier_runs() {
 speed() { python benchmarks/speed.py --against 7d39617; }  # the speed table of docs/benchmarks.md
 report() { python benchmarks/report.py; }
 
+# HATRPO's trust-region steps on Humanoid-17x1 and Walker2d-6x1 (seed 1 each), continued from the checkpoints committed
+# mid-run (at 6.19M and 6.73M steps): the factor M each agent sees and what its line search did
+trace() {
+    local folder revision_and_task revision task run checkpoint
+    folder=$(mktemp -d)
+    for revision_and_task in 32b6f31:Humanoid-17x1 b57d472:Walker2d-6x1; do
+        revision=${revision_and_task%%:*} task=${revision_and_task#*:}
+        run="benchmarks/results/hatrpo_mamujoco__${task}__total-timesteps=10000000__s1"
+        checkpoint=$(git ls-tree -r --name-only "$revision" -- "$run" | grep '\.pt$')
+        git show "$revision:$checkpoint" >"$folder/hatrpo_mamujoco.pt"
+        python benchmarks/trace_line_search.py "$folder/hatrpo_mamujoco.pt" --iterations 5
+    done
+    rm -r "$folder"
+}
+
 if [ $# -eq 0 ]; then set -- speed runs report; fi
 for step in "$@"; do
     case $step in
-        speed | runs | earlier_runs | report) "$step" ;;
-        *) echo "error: unknown step '$step'; valid: speed, runs, earlier_runs, report" >&2 && exit 2 ;;
+        speed | runs | earlier_runs | report | trace) "$step" ;;
+        *) echo "error: unknown step '$step'; valid: speed, runs, earlier_runs, report, trace" >&2 && exit 2 ;;
     esac
 done
