@@ -8,8 +8,8 @@ When a few samples carry most of M's mass the surrogate rests on those few: the 
 (sum M)^2 / sum M^2, given here as a fraction of the batch, measures it (1 when M = 1 everywhere).
 
 The checkpoint's own script continues the run (the same random state and settings, evaluation off) in a temporary
-folder, with one print added to its hatrpo_update; the checkpoint and its run folder are left untouched. A finished
-run is continued past its budget.
+folder, with a trace added to its hatrpo_update (three lines); the checkpoint and its run folder are left untouched.
+A finished run is continued past its budget.
 """
 
 import argparse
@@ -46,7 +46,7 @@ def fail(message: str):
 
 
 def traced_source(script: str) -> str:
-    """The script's text with the trace print in its hatrpo_update."""
+    """The script's text with the trace in its hatrpo_update."""
     lines = (REPO / script).read_text().splitlines()
     for anchor, line in TRACE_LINES:
         found = [i for i, text in enumerate(lines) if text.startswith(anchor)]
@@ -76,8 +76,8 @@ def trace(checkpoint_path: Path, iterations: int) -> list[dict]:
     """One dict per agent update, in the order of the updates."""
     try:
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        script, saved, step, num_agents = checkpoint["script"], checkpoint["args"], checkpoint["global_step"], len(
-            checkpoint["actors"])  # fmt: skip
+        script, saved, step = checkpoint["script"], checkpoint["args"], checkpoint["global_step"]
+        num_agents = len(checkpoint["actors"])
     except Exception as e:
         fail(f"cannot read checkpoint {str(checkpoint_path)!r}: {type(e).__name__}: {e}")
     if script not in SCRIPTS:
