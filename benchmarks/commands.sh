@@ -8,7 +8,7 @@
 #   bash benchmarks/commands.sh speed      # the speed table: alone on an idle machine
 #   bash benchmarks/commands.sh runs       # the learning runs (any number of copies at once)
 #   bash benchmarks/commands.sh report     # benchmarks/report/: summary.csv, milestones.csv, curves/
-#   bash benchmarks/commands.sh trace      # the line-search traces of docs/mamujoco.md (needs the git history)
+#   bash benchmarks/commands.sh trace      # the update traces of docs/mamujoco.md (needs the git history)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN="python benchmarks/run.py --workers ${WORKERS:-2}"
@@ -88,16 +88,19 @@ speed() { python benchmarks/speed.py --against 7d39617; }  # the speed table of 
 report() { python benchmarks/report.py; }
 
 # HATRPO's trust-region steps on Humanoid-17x1 and Walker2d-6x1 (seed 1 each), continued from the checkpoints committed
-# mid-run (at 6.19M and 6.73M steps): the factor M each agent sees and what its line search did
+# mid-run (at 6.19M and 6.73M steps): the factor M each agent sees and what its line search did; then HAPPO's M on
+# Humanoid-17x1 (seed 1, from its checkpoint at 2.64M steps)
 trace() {
-    local folder revision_and_task revision task run checkpoint
+    local folder revision_and_run revision run script checkpoint
     folder=$(mktemp -d)
-    for revision_and_task in 32b6f31:Humanoid-17x1 b57d472:Walker2d-6x1; do
-        revision=${revision_and_task%%:*} task=${revision_and_task#*:}
-        run="benchmarks/results/hatrpo_mamujoco__${task}__total-timesteps=10000000__s1"
-        checkpoint=$(git ls-tree -r --name-only "$revision" -- "$run" | grep '\.pt$')
-        git show "$revision:$checkpoint" >"$folder/hatrpo_mamujoco.pt"
-        python benchmarks/trace_line_search.py "$folder/hatrpo_mamujoco.pt" --iterations 5
+    for revision_and_run in 32b6f31:hatrpo_mamujoco__Humanoid-17x1 b57d472:hatrpo_mamujoco__Walker2d-6x1 \
+        1f889fa:happo_mamujoco__Humanoid-17x1; do
+        revision=${revision_and_run%%:*} run=${revision_and_run#*:}
+        script=${run%%__*}  # hatrpo_mamujoco or happo_mamujoco
+        checkpoint=$(git ls-tree -r --name-only "$revision" -- "benchmarks/results/${run}__total-timesteps=10000000__s1" |
+            grep '\.pt$')
+        git show "$revision:$checkpoint" >"$folder/$script.pt"
+        python benchmarks/trace_updates.py "$folder/$script.pt" --iterations 5
     done
     rm -r "$folder"
 }

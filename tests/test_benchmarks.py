@@ -18,7 +18,7 @@ import torch
 import yaml
 from helpers import REPO, SCRIPT_ENV, read_metrics, run_dirs, run_ok, tiny
 
-from benchmarks import report, run, speed, trace_line_search
+from benchmarks import report, run, speed, trace_updates
 
 RUNNER = [sys.executable, str(REPO / "benchmarks" / "run.py")]
 
@@ -483,12 +483,12 @@ def test_report_mamujoco_table_has_each_milestone_the_final_interval_and_the_pub
     assert (out / "curves" / "mamujoco_overview.png").stat().st_size > 10_000  # Hopper's curve (Ant has one point)
 
 
-def test_line_search_trace_continues_the_run_as_its_script_does_and_gives_the_first_agent_m_one(tmp_path, capsys):
+def test_hatrpo_trace_continues_the_run_as_its_script_does_and_gives_the_first_agent_m_one(tmp_path, capsys):
     tiny_run = [*tiny(100), "--accept-ratio", "1", "--save-model"]  # 3 agents, 2 iterations; some steps fail the ratio
     run_ok("hatrpo_mpe.py", *tiny_run, cwd=tmp_path)
     (run_dir,) = run_dirs(tmp_path)
     checkpoint = shutil.copy(run_dir / "hatrpo_mpe.pt", tmp_path / "at_100.pt")
-    updates = trace_line_search.main([str(checkpoint), "--iterations", "2"])
+    updates = trace_updates.main([str(checkpoint), "--iterations", "2"])
     assert Path(checkpoint).read_bytes() == (run_dir / "hatrpo_mpe.pt").read_bytes()  # the checkpoint is untouched
     # the reference: the script itself, resumed from the checkpoint for the same two iterations
     resume = ["--total-timesteps", "200", "--resume", str(run_dir / "hatrpo_mpe.pt")]
@@ -501,14 +501,42 @@ def test_line_search_trace_continues_the_run_as_its_script_does_and_gives_the_fi
             tuple(metrics[f"agent{i}/{k}"] for k in ("line_search_steps", "kl", "improvement")) for i in range(3)
         )
         assert traced == logged
-    assert {trace_line_search.rejected(u) for u in updates} == {True, False}  # both outcomes occur
+    assert {trace_updates.rejected(u) for u in updates} == {True, False}  # both outcomes occur
     for u in updates:
-        assert trace_line_search.rejected(u) == (u["steps"] == 10)  # ls_steps 10: no fraction accepted
+        assert trace_updates.rejected(u) == (u["steps"] == 10)  # ls_steps 10: no fraction accepted
         assert u["m_max"] >= u["m_mean"] > 0 and 0 < u["m_ess"] <= 1 + 1e-12
         if u["position"] == 0:  # no agent updated before the first: M = 1, its effective sample size the whole batch
             assert (u["m_max"], u["m_mean"], u["m_ess"]) == pytest.approx((1, 1, 1), abs=1e-12)
     assert "per position" in capsys.readouterr().out
-    torch.save(dict(script="happo_mpe.py", args={}, global_step=0, actors=[]), tmp_path / "happo.pt")
+    torch.save(dict(script="matrpo_admm.py", args={}, global_step=0, actors=[]), tmp_path / "matrpo.pt")
     with pytest.raises(SystemExit):
-        trace_line_search.main([str(tmp_path / "happo.pt")])
-    assert "made by happo_mpe.py; valid: hatrpo_mamujoco.py, hatrpo_mpe.py" in capsys.readouterr().err
+        trace_updates.main([str(tmp_path / "matrpo.pt")])
+    valid = "valid: hatrpo_mamujoco.py, hatrpo_mpe.py, happo_mamujoco.py, happo_mpe.py"
+    assert f"made by matrpo_admm.py; {valid}" in capsys.readouterr().err
+
+
+def test_happo_trace_continues_the_run_as_its_script_does_and_gives_the_first_agent_m_one(tmp_path, capsys):
+    tiny_run = [*tiny(100), "--save-model"]  # 3 agents, 2 iterations
+    run_ok("happo_mpe.py", *tiny_run, cwd=tmp_path)
+    (run_dir,) = run_dirs(tmp_path)
+    updates = trace_updates.main([str(run_dir / "happo_mpe.pt"), "--iterations", "2"])
+    resume = ["--total-timesteps", "200", "--resume", str(run_dir / "happo_mpe.pt")]
+    run_ok("happo_mpe.py", *tiny_run, *resume, cwd=tmp_path)
+    resumed = [m for m in read_metrics(run_dir) if "charts/SPS" in m and m["global_step"] > 100]
+    assert [u["position"] for u in updates] == [0, 1, 2, 0, 1, 2] and len(resumed) == 2
+    epochs = 5  # ppo_epochs, with 1 minibatch: happo_update's means are its totals over 5
+    for iteration, metrics in enumerate(resumed):  # the same updates: the trace in update order, the metrics by agent
+        traced = sorted(
+            tuple(u["totals"][k] / epochs for k in ("policy_loss", "approx_kl"))
+            for u in updates[3 * iteration : 3 * iteration + 3]
+        )
+        logged = sorted(tuple(metrics[f"agent{i}/{k}"] for k in ("policy_loss", "approx_kl")) for i in range(3))
+        assert traced == logged
+    for u in updates:
+        assert u["m_max"] >= u["m_mean"] > 0 and 0 < u["m_ess"] <= 1 + 1e-12
+        if u["position"] == 0:
+            assert (u["m_max"], u["m_mean"], u["m_ess"]) == pytest.approx((1, 1, 1), abs=1e-12)
+        else:  # the agents updated before it moved: M differs from 1
+            assert u["m_max"] > 1 and u["m_ess"] < 1
+    out = capsys.readouterr().out
+    assert "per position" in out and "rejected" not in out
