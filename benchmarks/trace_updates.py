@@ -79,8 +79,8 @@ def flags(saved: dict) -> list[str]:
     return out
 
 
-def trace(checkpoint_path: Path, iterations: int) -> list[dict]:
-    """One dict per agent update, in the order of the updates."""
+def trace(checkpoint_path: Path, iterations: int) -> tuple[list[dict], dict]:
+    """One dict per agent update, in the order of the updates, and the run's saved settings."""
     try:
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         script, saved, step = checkpoint["script"], checkpoint["args"], checkpoint["global_step"]
@@ -106,7 +106,7 @@ def trace(checkpoint_path: Path, iterations: int) -> list[dict]:
         process.wait()
     if len(updates) < iterations * num_agents:
         fail(f"{script} stopped after {len(updates)} of {iterations * num_agents} updates (exit {process.returncode})")
-    return updates
+    return updates, saved
 
 
 def rejected(update: dict) -> bool:
@@ -121,8 +121,7 @@ def main(argv: list[str] | None = None):
     args = parser.parse_args(argv)
     if args.iterations < 1:
         fail(f"--iterations must be >= 1, got {args.iterations}")
-    updates = trace(args.checkpoint, args.iterations)
-    saved = torch.load(args.checkpoint, map_location="cpu", weights_only=False)["args"]
+    updates, saved = trace(args.checkpoint, args.iterations)
     line_search = "backtrack_coef" in saved  # HATRPO; HAPPO's updates have no line search
     line_search_columns = " | g.s predicted | full step: KL, improvement | fraction taken: KL, improvement"
     print("position | M max | M mean | M's effective sample size" + (line_search_columns if line_search else ""))

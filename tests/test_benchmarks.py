@@ -5,7 +5,6 @@ import csv
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -483,30 +482,44 @@ def test_report_mamujoco_table_has_each_milestone_the_final_interval_and_the_pub
     assert (out / "curves" / "mamujoco_overview.png").stat().st_size > 10_000  # Hopper's curve (Ant has one point)
 
 
-def test_hatrpo_trace_continues_the_run_as_its_script_does_and_gives_the_first_agent_m_one(tmp_path, capsys):
-    tiny_run = [*tiny(100), "--accept-ratio", "1", "--save-model"]  # 3 agents, 2 iterations; some steps fail the ratio
-    run_ok("hatrpo_mpe.py", *tiny_run, cwd=tmp_path)
+def trace_beside_the_resumed_script(script: str, flags: list[str], tmp_path) -> tuple[list[dict], list[dict]]:
+    """Trace 2 iterations from a tiny 3-agent run's checkpoint at 100 steps, then resume the script itself from that
+    checkpoint for the same 2 iterations (the reference). Returns the traced updates and the resumed iterations'
+    metrics, after checking what every trace must hold: the checkpoint untouched, the positions in update order, and
+    M = 1 (its effective sample size the whole batch) for the first agent, which no agent was updated before."""
+    tiny_run = [*tiny(100), *flags, "--save-model"]
+    run_ok(script, *tiny_run, cwd=tmp_path)
     (run_dir,) = run_dirs(tmp_path)
-    checkpoint = shutil.copy(run_dir / "hatrpo_mpe.pt", tmp_path / "at_100.pt")
+    checkpoint = run_dir / script.replace(".py", ".pt")
+    saved = checkpoint.read_bytes()
     updates = trace_updates.main([str(checkpoint), "--iterations", "2"])
-    assert Path(checkpoint).read_bytes() == (run_dir / "hatrpo_mpe.pt").read_bytes()  # the checkpoint is untouched
-    # the reference: the script itself, resumed from the checkpoint for the same two iterations
-    resume = ["--total-timesteps", "200", "--resume", str(run_dir / "hatrpo_mpe.pt")]
-    run_ok("hatrpo_mpe.py", *tiny_run, *resume, cwd=tmp_path)
+    assert checkpoint.read_bytes() == saved  # the checkpoint is untouched
+    run_ok(script, *tiny_run, "--total-timesteps", "200", "--resume", str(checkpoint), cwd=tmp_path)
     resumed = [m for m in read_metrics(run_dir) if "charts/SPS" in m and m["global_step"] > 100]
     assert [u["position"] for u in updates] == [0, 1, 2, 0, 1, 2] and len(resumed) == 2
-    for iteration, metrics in enumerate(resumed):  # the same updates: the trace in update order, the metrics by agent
-        traced = sorted((u["steps"], u["kl"], u["improvement"]) for u in updates[3 * iteration : 3 * iteration + 3])
-        logged = sorted(
-            tuple(metrics[f"agent{i}/{k}"] for k in ("line_search_steps", "kl", "improvement")) for i in range(3)
-        )
+    for u in updates:
+        assert u["m_max"] >= u["m_mean"] > 0 and 0 < u["m_ess"] <= 1 + 1e-12
+        if u["position"] == 0:
+            assert (u["m_max"], u["m_mean"], u["m_ess"]) == pytest.approx((1, 1, 1), abs=1e-12)
+    return updates, resumed
+
+
+def assert_traced_as_logged(updates: list[dict], resumed: list[dict], traced_values, logged_keys: tuple[str, ...]):
+    """Each iteration's traced updates (in update order) carry the values its metrics log per agent."""
+    for iteration, metrics in enumerate(resumed):
+        traced = sorted(traced_values(u) for u in updates[3 * iteration : 3 * iteration + 3])
+        logged = sorted(tuple(metrics[f"agent{i}/{k}"] for k in logged_keys) for i in range(3))
         assert traced == logged
+
+
+def test_hatrpo_trace_continues_the_run_as_its_script_does_and_gives_the_first_agent_m_one(tmp_path, capsys):
+    # some steps fail the improvement ratio of 1
+    updates, resumed = trace_beside_the_resumed_script("hatrpo_mpe.py", ["--accept-ratio", "1"], tmp_path)
+    keys = ("line_search_steps", "kl", "improvement")
+    assert_traced_as_logged(updates, resumed, lambda u: (u["steps"], u["kl"], u["improvement"]), keys)
     assert {trace_updates.rejected(u) for u in updates} == {True, False}  # both outcomes occur
     for u in updates:
         assert trace_updates.rejected(u) == (u["steps"] == 10)  # ls_steps 10: no fraction accepted
-        assert u["m_max"] >= u["m_mean"] > 0 and 0 < u["m_ess"] <= 1 + 1e-12
-        if u["position"] == 0:  # no agent updated before the first: M = 1, its effective sample size the whole batch
-            assert (u["m_max"], u["m_mean"], u["m_ess"]) == pytest.approx((1, 1, 1), abs=1e-12)
     assert "per position" in capsys.readouterr().out
     torch.save(dict(script="matrpo_admm.py", args={}, global_step=0, actors=[]), tmp_path / "matrpo.pt")
     with pytest.raises(SystemExit):
@@ -516,27 +529,11 @@ def test_hatrpo_trace_continues_the_run_as_its_script_does_and_gives_the_first_a
 
 
 def test_happo_trace_continues_the_run_as_its_script_does_and_gives_the_first_agent_m_one(tmp_path, capsys):
-    tiny_run = [*tiny(100), "--save-model"]  # 3 agents, 2 iterations
-    run_ok("happo_mpe.py", *tiny_run, cwd=tmp_path)
-    (run_dir,) = run_dirs(tmp_path)
-    updates = trace_updates.main([str(run_dir / "happo_mpe.pt"), "--iterations", "2"])
-    resume = ["--total-timesteps", "200", "--resume", str(run_dir / "happo_mpe.pt")]
-    run_ok("happo_mpe.py", *tiny_run, *resume, cwd=tmp_path)
-    resumed = [m for m in read_metrics(run_dir) if "charts/SPS" in m and m["global_step"] > 100]
-    assert [u["position"] for u in updates] == [0, 1, 2, 0, 1, 2] and len(resumed) == 2
+    updates, resumed = trace_beside_the_resumed_script("happo_mpe.py", [], tmp_path)
     epochs = 5  # ppo_epochs, with 1 minibatch: happo_update's means are its totals over 5
-    for iteration, metrics in enumerate(resumed):  # the same updates: the trace in update order, the metrics by agent
-        traced = sorted(
-            tuple(u["totals"][k] / epochs for k in ("policy_loss", "approx_kl"))
-            for u in updates[3 * iteration : 3 * iteration + 3]
-        )
-        logged = sorted(tuple(metrics[f"agent{i}/{k}"] for k in ("policy_loss", "approx_kl")) for i in range(3))
-        assert traced == logged
-    for u in updates:
-        assert u["m_max"] >= u["m_mean"] > 0 and 0 < u["m_ess"] <= 1 + 1e-12
-        if u["position"] == 0:
-            assert (u["m_max"], u["m_mean"], u["m_ess"]) == pytest.approx((1, 1, 1), abs=1e-12)
-        else:  # the agents updated before it moved: M differs from 1
-            assert u["m_max"] > 1 and u["m_ess"] < 1
+    keys = ("policy_loss", "approx_kl")
+    assert_traced_as_logged(updates, resumed, lambda u: tuple(u["totals"][k] / epochs for k in keys), keys)
+    for u in [u for u in updates if u["position"] > 0]:  # the agents updated before these moved: M differs from 1
+        assert u["m_max"] > 1 and u["m_ess"] < 1
     out = capsys.readouterr().out
     assert "per position" in out and "rejected" not in out
